@@ -1,0 +1,41 @@
+"""pyroflows: normalizing flows written for Pyro.
+
+Layers map base to data (``x = f(z)``, Pyro's convention) and are Pyro
+``TransformModule`` s; :class:`Flow` turns a stack of them into a distribution.
+"""
+
+from . import conditioners, flows, splines, transformers
+from .distribution import DiagNormal, Flow, FlowDistribution
+from .transforms import (
+    ActNorm,
+    Autoregressive,
+    Coupling,
+    FlowModule,
+    FlowTransform,
+    Inverse,
+    LULinear,
+    Permute,
+    Reverse,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "Flow",
+    "FlowDistribution",
+    "DiagNormal",
+    "FlowTransform",
+    "FlowModule",
+    "Inverse",
+    "Coupling",
+    "Autoregressive",
+    "Permute",
+    "Reverse",
+    "LULinear",
+    "ActNorm",
+    "conditioners",
+    "flows",
+    "splines",
+    "transformers",
+]

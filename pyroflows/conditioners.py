@@ -1,0 +1,185 @@
+"""Conditioner networks: plain ``nn.Module`` s that know nothing of flows.
+
+A conditioner maps ``input ⊕ context`` to the raw parameters of a transformer. Two are
+provided:
+
+* :class:`MLP`, a dense network, used by coupling layers;
+* :class:`MADE`, a masked autoregressive network (Germain et al., 2015) whose output for
+  feature ``i`` depends only on the inputs that come before ``i`` in a given order (and on the
+  context), optionally with masked residual blocks. Used by autoregressive layers.
+
+Both zero-initialise their last layer by default, so the transformer starts at the identity.
+
+Example:
+    >>> import torch
+    >>> from pyroflows.conditioners import MADE
+    >>> net = MADE(3, num_params=2, hidden_dims=(16,), zero_init=False)
+    >>> net(torch.randn(5, 3)).shape
+    torch.Size([5, 3, 2])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["MLP", "MADE", "MaskedLinear", "join_context"]
+
+
+def join_context(x: Tensor, context: Tensor | None) -> Tensor:
+    """Concatenate ``x`` and ``context`` along the last dimension, broadcasting batch dims."""
+    if context is None:
+        return x
+    shape = torch.broadcast_shapes(x.shape[:-1], context.shape[:-1])
+    return torch.cat(
+        [x.expand(shape + x.shape[-1:]), context.expand(shape + context.shape[-1:])], dim=-1
+    )
+
+
+def _check_dims(hidden_dims: Sequence[int]) -> tuple[int, ...]:
+    if isinstance(hidden_dims, int):
+        hidden_dims = (hidden_dims,)
+    hidden_dims = tuple(hidden_dims)
+    if any(not isinstance(h, int) or h < 1 for h in hidden_dims):
+        raise ValueError(f"hidden_dims must be positive integers, got {hidden_dims!r}")
+    return hidden_dims
+
+
+class MLP(nn.Module):
+    """Dense network ``in_features (+ context_features) -> hidden_dims -> out_features``.
+
+    Args:
+        in_features: size of the input (may be 0 when only a context is given).
+        out_features: size of the output.
+        hidden_dims: widths of the hidden layers (an int means one hidden layer).
+        context_features: size of the context concatenated to the input (0 for none).
+        activation: constructor of the activation module.
+        zero_init: zero the last layer so the output starts at exactly 0.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        hidden_dims: Sequence[int] = (64, 64),
+        context_features: int = 0,
+        activation: Callable[[], nn.Module] = nn.ReLU,
+        zero_init: bool = True,
+    ):
+        super().__init__()
+        hidden_dims = _check_dims(hidden_dims)
+        self.context_features = context_features
+        sizes = (in_features + context_features, *hidden_dims, out_features)
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            if i:
+                layers.append(activation())
+            layers.append(nn.Linear(a, b))
+        self.net = nn.Sequential(*layers)
+        if zero_init:
+            nn.init.zeros_(self.net[-1].weight)
+            nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """Evaluate on ``x`` (shape ``(..., in_features)``) and an optional context."""
+        return self.net(join_context(x, context))
+
+
+class MaskedLinear(nn.Linear):
+    """Linear layer whose weight is multiplied by a fixed 0/1 mask (a buffer)."""
+
+    def __init__(self, mask: Tensor, bias: bool = True):
+        out_features, in_features = mask.shape
+        super().__init__(in_features, out_features, bias=bias)
+        self.register_buffer("mask", mask.to(self.weight.dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.linear(x, self.weight * self.mask, self.bias)
+
+
+class _MaskedResidualBlock(nn.Module):
+    def __init__(self, mask: Tensor, activation: Callable[[], nn.Module]):
+        super().__init__()
+        self.act1, self.lin1 = activation(), MaskedLinear(mask)
+        self.act2, self.lin2 = activation(), MaskedLinear(mask)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return h + self.lin2(self.act2(self.lin1(self.act1(h))))
+
+
+class MADE(nn.Module):
+    """Masked autoregressive network with optional context and residual blocks.
+
+    The output has shape ``(..., features, num_params)``; the parameters of feature ``i``
+    depend only on inputs ``j`` with ``rank[j] < rank[i]`` (and on the context), where
+    ``rank`` is the position of each feature in ``order``.
+
+    Args:
+        features: number of input features ``D``.
+        num_params: parameters produced per feature.
+        hidden_dims: hidden widths; with ``residual=True`` all must be equal and each one
+            becomes a residual block. Widths below ``D - 1`` leave some connections out.
+        context_features: size of the context, connected to every hidden unit.
+        order: a permutation of ``range(D)`` giving the autoregressive order (default
+            ``0, 1, ..., D - 1``).
+        residual: use masked residual blocks.
+        activation: constructor of the activation module.
+        zero_init: zero the output layer so the output starts at exactly 0.
+    """
+
+    def __init__(
+        self,
+        features: int,
+        num_params: int,
+        hidden_dims: Sequence[int] = (64, 64),
+        context_features: int = 0,
+        order: Sequence[int] | Tensor | None = None,
+        residual: bool = False,
+        activation: Callable[[], nn.Module] = nn.ReLU,
+        zero_init: bool = True,
+    ):
+        super().__init__()
+        hidden_dims = _check_dims(hidden_dims)
+        if features < 1:
+            raise ValueError(f"features must be >= 1, got {features}")
+        if residual and len(set(hidden_dims)) != 1:
+            raise ValueError(f"residual blocks need equal hidden_dims, got {hidden_dims}")
+        order = torch.arange(features) if order is None else torch.as_tensor(order).long()
+        if sorted(order.tolist()) != list(range(features)):
+            raise ValueError(f"order must be a permutation of range({features}), got {order.tolist()}")
+        self.features, self.num_params = features, num_params
+        self.context_features = context_features
+        self.register_buffer("order", order.clone())
+
+        # Degrees: input feature order[k] has degree k + 1; a unit of degree m may see inputs of
+        # degree <= m; output of feature with degree m sees hidden units of degree < m.
+        in_deg = torch.empty(features, dtype=torch.long)
+        in_deg[order] = torch.arange(1, features + 1)
+        in_deg = torch.cat([in_deg, in_deg.new_zeros(context_features)])  # context: degree 0
+        span = max(features - 1, 1)
+        degs = [torch.arange(h) % span + min(1, features - 1) for h in hidden_dims]
+
+        def mask(d_out: Tensor, d_in: Tensor, strict: bool = False) -> Tensor:
+            return (d_out[:, None] > d_in[None, :]) if strict else (d_out[:, None] >= d_in[None, :])
+
+        layers: list[nn.Module] = [MaskedLinear(mask(degs[0], in_deg))]
+        if residual:
+            layers += [_MaskedResidualBlock(mask(d, d), activation) for d in degs]
+            layers.append(activation())
+        else:
+            for d_prev, d in zip(degs[:-1], degs[1:]):
+                layers += [activation(), MaskedLinear(mask(d, d_prev))]
+            layers.append(activation())
+        out_deg = in_deg[:features].repeat_interleave(num_params)
+        layers.append(MaskedLinear(mask(out_deg, degs[-1], strict=True)))
+        self.net = nn.Sequential(*layers)
+        if zero_init:
+            nn.init.zeros_(self.net[-1].weight)
+            nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """Parameters of shape ``x.shape[:-1] + (features, num_params)``."""
+        out = self.net(join_context(x, context))
+        return out.unflatten(-1, (self.features, self.num_params))

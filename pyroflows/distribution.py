@@ -1,0 +1,207 @@
+"""Flow distributions: the :class:`Flow` module and the distribution it returns."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pyro.distributions as dist
+import torch
+from torch import Tensor, nn
+from torch.distributions import Distribution, constraints
+
+from .transforms.base import FlowModule, FlowTransform, check_context, check_event
+
+__all__ = ["DiagNormal", "Flow", "FlowDistribution"]
+
+
+class DiagNormal(nn.Module):
+    """Diagonal normal base distribution whose ``loc`` and ``scale`` are buffers.
+
+    Calling it returns ``Normal(loc, scale).to_event(1)`` expanded to a batch shape. Being a
+    module, it moves with ``.to(device)`` and ``.double()`` and is saved in ``state_dict``.
+
+    Args:
+        input_dim: size ``D`` of the event.
+        loc: mean of every coordinate.
+        scale: standard deviation of every coordinate.
+    """
+
+    def __init__(self, input_dim: int, loc: float = 0.0, scale: float = 1.0):
+        super().__init__()
+        if input_dim < 1:
+            raise ValueError(f"input_dim must be >= 1, got {input_dim}")
+        if not scale > 0:
+            raise ValueError(f"scale must be positive, got {scale!r}")
+        self.register_buffer("loc", torch.full((input_dim,), float(loc)))
+        self.register_buffer("scale", torch.full((input_dim,), float(scale)))
+
+    def forward(self, batch_shape: Sequence[int] = ()) -> dist.TorchDistribution:
+        """The distribution, with batch shape ``batch_shape`` and event shape ``(D,)``."""
+        return dist.Normal(self.loc, self.scale).to_event(1).expand(torch.Size(batch_shape))
+
+
+class FlowDistribution(dist.TransformedDistribution):
+    """A base distribution pushed through flow transforms, scored in one pass.
+
+    A :class:`pyro.distributions.TransformedDistribution` (so Pyro treats it as one) whose
+    :meth:`log_prob` runs the inverse maps and their log-dets together, and which adds
+    :meth:`rsample_and_log_prob`. Usually obtained from :meth:`Flow.condition`.
+
+    Scoring a fresh sample: the distribution keeps the log-density of its latest
+    :meth:`rsample` and returns it when :meth:`log_prob` is called on that very tensor (the
+    same identity test as torch's ``cache_size=1``). This is what lets an IAF-direction guide
+    in SVI score its own samples without inverting them. Any other tensor, including data
+    scored at every step of a training loop, is recomputed, so there is nothing to clear.
+
+    Args:
+        base_dist: base distribution with event shape ``(D,)``.
+        transforms: :class:`~pyroflows.transforms.FlowTransform` s, applied base to data.
+        validate_args: Pyro/torch argument validation (checks values for NaN/Inf).
+    """
+
+    arg_constraints: dict = {}
+    support = constraints.independent(constraints.real, 1)
+    has_rsample = True
+
+    def __init__(
+        self,
+        base_dist: dist.TorchDistribution,
+        transforms: Sequence[FlowTransform],
+        validate_args: bool | None = None,
+    ):
+        for t in transforms:
+            if not isinstance(t, FlowTransform):
+                raise TypeError(
+                    f"FlowDistribution needs FlowTransforms, got {type(t).__name__}; use "
+                    "pyro.distributions.TransformedDistribution for other transforms"
+                )
+        super().__init__(base_dist, list(transforms), validate_args=validate_args)
+        self._last_draw: tuple[Tensor, Tensor, bool] | None = None
+
+    def expand(self, batch_shape: Sequence[int], _instance=None) -> FlowDistribution:
+        new = self._get_checked_instance(FlowDistribution, _instance)
+        new = super().expand(batch_shape, _instance=new)
+        new._last_draw = None
+        return new
+
+    def _check_value(self, value: Tensor) -> None:
+        check_event(value, self.event_shape[0], "values")
+        try:
+            torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
+        except RuntimeError:
+            raise ValueError(
+                f"values of batch shape {tuple(value.shape[:-1])} do not broadcast with the "
+                f"distribution's batch shape {tuple(self.batch_shape)} (set by the context)"
+            ) from None
+        if self._validate_args and not bool(torch.isfinite(value).all()):
+            raise ValueError("values contain NaN or Inf (disable with pyro.enable_validation(False))")
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        """Log-density of ``value`` (shape ``sample + batch + (D,)``): one inverse pass."""
+        last = self._last_draw
+        if last is not None and value is last[0] and (last[2] or not torch.is_grad_enabled()):
+            return last[1]
+        self._check_value(value)
+        z, total = value, None
+        for t in reversed(self.transforms):
+            z, ladj = t.inv_and_ladj(z)
+            total = ladj if total is None else total + ladj
+        log_prob = self.base_dist.log_prob(z)
+        return log_prob if total is None else log_prob + total
+
+    def rsample_and_log_prob(self, sample_shape: Sequence[int] = ()) -> tuple[Tensor, Tensor]:
+        """Reparameterised sample and its log-density from one forward pass."""
+        x = self.base_dist.rsample(torch.Size(sample_shape))
+        log_prob = self.base_dist.log_prob(x)
+        for t in self.transforms:
+            x, ladj = t.call_and_ladj(x)
+            log_prob = log_prob - ladj
+        self._last_draw = (x, log_prob, torch.is_grad_enabled())
+        return x, log_prob
+
+    def rsample(self, sample_shape: Sequence[int] = ()) -> Tensor:
+        return self.rsample_and_log_prob(sample_shape)[0]
+
+    def sample(self, sample_shape: Sequence[int] = ()) -> Tensor:
+        with torch.no_grad():
+            x = self.base_dist.sample(torch.Size(sample_shape))
+            for t in self.transforms:
+                x = t._call(x)
+        return x
+
+
+class Flow(nn.Module):
+    """A normalizing flow: flow layers on top of a base distribution.
+
+    ``flow.condition(context)`` (or ``flow(context)``; ``flow()`` when unconditional)
+    returns a :class:`FlowDistribution`. With a context batch of shape ``(B, C)`` the
+    distribution has batch shape ``(B,)``, so ``sample((n,))`` has shape ``(n, B, D)`` and
+    ``log_prob`` accepts values of shape ``(..., B, D)``.
+
+    Layers map base to data (``x = f(z)``): sampling runs them in order, scoring runs their
+    inverses in reverse. Everything (layers, base buffers) moves with ``.to()`` /
+    ``.double()`` and is saved in ``state_dict``.
+
+    Args:
+        layers: the flow layers, applied base to data.
+        input_dim: size ``D`` of the event.
+        context_dim: size of the context (0 for an unconditional flow).
+        base: a module returning the base distribution for a batch shape (default a
+            standard normal :class:`DiagNormal`).
+
+    Example:
+        >>> import torch
+        >>> from pyroflows import flows
+        >>> flow = flows.nsf(2, context_dim=3)
+        >>> d = flow.condition(torch.randn(5, 3))
+        >>> d.sample((4,)).shape, d.log_prob(torch.randn(5, 2)).shape
+        (torch.Size([4, 5, 2]), torch.Size([5]))
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[FlowModule],
+        input_dim: int,
+        context_dim: int = 0,
+        base: nn.Module | None = None,
+    ):
+        super().__init__()
+        if input_dim < 1:
+            raise ValueError(f"input_dim must be >= 1, got {input_dim}")
+        if context_dim < 0:
+            raise ValueError(f"context_dim must be >= 0, got {context_dim}")
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, FlowModule):
+                raise TypeError(f"layer {i} is a {type(layer).__name__}, not a FlowModule")
+            if layer.input_dim != input_dim:
+                raise ValueError(f"layer {i} has input_dim={layer.input_dim}, expected {input_dim}")
+            if layer.context_dim not in (0, context_dim):
+                raise ValueError(
+                    f"layer {i} has context_dim={layer.context_dim}, expected 0 or {context_dim}"
+                )
+        self.input_dim, self.context_dim = input_dim, context_dim
+        self.layers = nn.ModuleList(layers)
+        self.base = DiagNormal(input_dim) if base is None else base
+
+    def extra_repr(self) -> str:
+        return f"input_dim={self.input_dim}, context_dim={self.context_dim}"
+
+    def condition(self, context: Tensor | None = None) -> FlowDistribution:
+        """The flow's distribution given ``context`` (shape ``(..., context_dim)``)."""
+        check_context(context, self.context_dim, "Flow")
+        batch_shape = () if context is None else context.shape[:-1]
+        if context is not None:
+            if not torch.is_floating_point(context):
+                raise ValueError(f"context must be a floating point tensor, got {context.dtype}")
+            if Distribution._validate_args and not bool(torch.isfinite(context).all()):
+                raise ValueError(
+                    "context contains NaN or Inf (disable with pyro.enable_validation(False))"
+                )
+        transforms = [
+            layer.condition(context if layer.context_dim else None) for layer in self.layers
+        ]
+        return FlowDistribution(self.base(batch_shape), transforms)
+
+    def forward(self, context: Tensor | None = None) -> FlowDistribution:
+        """Same as :meth:`condition`."""
+        return self.condition(context)

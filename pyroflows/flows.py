@@ -1,0 +1,301 @@
+"""Builders: thin functions that assemble the standard flows as :class:`~pyroflows.Flow` s.
+
+Every builder takes ``input_dim`` and ``context_dim`` and the common keywords
+``num_layers``, ``hidden_dims`` and, where relevant, ``count_bins``, ``bound`` and
+``invert``. All layers start as the identity (zero-initialised conditioners), so a fresh flow
+is its standard normal base.
+
+Which direction is cheap:
+
+=============================  ==================  ==================
+builder                        sample (forward)    log_prob (inverse)
+=============================  ==================  ==================
+``nsf(coupling=True)``         1 pass              1 pass
+``realnvp``, ``nice``          1 pass              1 pass
+``nsf()``, ``maf()``           ``D`` passes        1 pass
+``nsf(invert=False)``, ``iaf`` 1 pass              ``D`` passes [*]_
+=============================  ==================  ==================
+
+.. [*] except for the distribution's own fresh samples, which are scored without inversion.
+
+Example:
+    >>> import torch
+    >>> from pyroflows import flows
+    >>> flow = flows.nsf(3, num_layers=3, hidden_dims=(32, 32))
+    >>> x = torch.randn(100, 3)
+    >>> loss = -flow().log_prob(x).mean()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .distribution import Flow
+from .transformers import Additive, Affine, RationalQuadraticSpline, Transformer
+from .transforms import ActNorm, Autoregressive, Coupling, FlowModule
+
+__all__ = ["nsf", "maf", "iaf", "realnvp", "nice", "autoregressive_flow", "coupling_flow"]
+
+
+def _check_common(input_dim: int, context_dim: int, num_layers: int) -> None:
+    if not isinstance(input_dim, int) or input_dim < 1:
+        raise ValueError(f"input_dim must be a positive integer, got {input_dim!r}")
+    if not isinstance(context_dim, int) or context_dim < 0:
+        raise ValueError(f"context_dim must be a non-negative integer, got {context_dim!r}")
+    if not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
+
+
+def autoregressive_flow(
+    input_dim: int,
+    transformer: Transformer,
+    context_dim: int = 0,
+    *,
+    num_layers: int = 5,
+    hidden_dims: Sequence[int] = (64, 64),
+    invert: bool = True,
+    residual: bool = False,
+    activation: Callable[[], nn.Module] = nn.ReLU,
+) -> Flow:
+    """A stack of :class:`~pyroflows.Autoregressive` layers with alternating orders.
+
+    Consecutive layers use the natural and the reversed feature order, so no permutation
+    layers are needed.
+
+    Args:
+        input_dim: event size ``D``.
+        transformer: the elementwise map of every layer.
+        context_dim: context size (0 for an unconditional flow).
+        num_layers: number of autoregressive layers.
+        hidden_dims: hidden widths of each MADE.
+        invert: ``True`` for a cheap ``log_prob`` (MAF direction, density estimation),
+            ``False`` for cheap sampling (IAF direction, variational guides).
+        residual: residual MADE blocks.
+        activation: activation of each MADE.
+    """
+    _check_common(input_dim, context_dim, num_layers)
+    natural = torch.arange(input_dim)
+    layers: list[FlowModule] = [
+        Autoregressive(
+            input_dim,
+            transformer,
+            context_dim=context_dim,
+            hidden_dims=hidden_dims,
+            order=natural if i % 2 == 0 else natural.flip(0),
+            invert=invert,
+            residual=residual,
+            activation=activation,
+        )
+        for i in range(num_layers)
+    ]
+    return Flow(layers, input_dim, context_dim)
+
+
+def coupling_flow(
+    input_dim: int,
+    transformer: Transformer,
+    context_dim: int = 0,
+    *,
+    num_layers: int = 5,
+    hidden_dims: Sequence[int] = (64, 64),
+    activation: Callable[[], nn.Module] = nn.ReLU,
+    seed: int = 0,
+) -> Flow:
+    """A stack of :class:`~pyroflows.Coupling` layers with complementary random masks.
+
+    Layers come in pairs: a random half of the features passes through the first layer of a
+    pair and the other half through the second, so every feature is transformed once per
+    pair and the mixing across pairs costs nothing. With ``D = 1`` the single feature is
+    transformed by parameters that depend only on the context.
+
+    Args:
+        input_dim: event size ``D``.
+        transformer: the elementwise map of every layer.
+        context_dim: context size (0 for an unconditional flow).
+        num_layers: number of coupling layers.
+        hidden_dims: hidden widths of each MLP conditioner.
+        activation: activation of each MLP.
+        seed: seed of the random masks (the flow's structure is reproducible).
+    """
+    _check_common(input_dim, context_dim, num_layers)
+    generator = torch.Generator().manual_seed(seed)
+    layers: list[FlowModule] = []
+    mask = torch.zeros(input_dim, dtype=torch.bool)
+    for i in range(num_layers):
+        if i % 2 == 0:
+            mask = torch.zeros(input_dim, dtype=torch.bool)
+            mask[torch.randperm(input_dim, generator=generator)[: input_dim // 2]] = True
+        else:
+            mask = ~mask if input_dim > 1 else mask
+        layers.append(
+            Coupling(
+                input_dim,
+                transformer,
+                context_dim=context_dim,
+                hidden_dims=hidden_dims,
+                mask=mask,
+                activation=activation,
+            )
+        )
+    return Flow(layers, input_dim, context_dim)
+
+
+def nsf(
+    input_dim: int,
+    context_dim: int = 0,
+    *,
+    coupling: bool = False,
+    num_layers: int = 5,
+    hidden_dims: Sequence[int] = (64, 64),
+    count_bins: int = 8,
+    bound: float = 5.0,
+    invert: bool = True,
+    residual: bool = False,
+    activation: Callable[[], nn.Module] = nn.ReLU,
+) -> Flow:
+    """Neural spline flow (Durkan et al., 2019): rational-quadratic spline layers.
+
+    Args:
+        input_dim: event size ``D``.
+        context_dim: context size (0 for an unconditional flow).
+        coupling: coupling layers (both directions cheap) instead of autoregressive ones.
+        num_layers: number of spline layers.
+        hidden_dims: hidden widths of each conditioner.
+        count_bins: number of spline bins.
+        bound: splines act on ``[-bound, bound]``, identity outside.
+        invert: autoregressive only: ``True`` for a cheap ``log_prob`` (MAF direction),
+            ``False`` for cheap sampling (IAF direction).
+        residual: autoregressive only: residual MADE blocks.
+        activation: activation of the conditioners.
+
+    Example:
+        >>> from pyroflows import flows
+        >>> flow = flows.nsf(4, coupling=True, count_bins=16)
+        >>> flow().sample((3,)).shape
+        torch.Size([3, 4])
+    """
+    transformer = RationalQuadraticSpline(count_bins=count_bins, bound=bound)
+    if coupling:
+        return coupling_flow(
+            input_dim, transformer, context_dim,
+            num_layers=num_layers, hidden_dims=hidden_dims, activation=activation,
+        )
+    return autoregressive_flow(
+        input_dim, transformer, context_dim, num_layers=num_layers, hidden_dims=hidden_dims,
+        invert=invert, residual=residual, activation=activation,
+    )
+
+
+def maf(
+    input_dim: int,
+    context_dim: int = 0,
+    *,
+    num_layers: int = 5,
+    hidden_dims: Sequence[int] = (64, 64),
+    invert: bool = True,
+    residual: bool = False,
+    log_scale_bound: float = 3.0,
+    activation: Callable[[], nn.Module] = nn.ReLU,
+) -> Flow:
+    """Masked autoregressive flow (Papamakarios et al., 2017): affine autoregressive layers.
+
+    Args:
+        input_dim: event size ``D``.
+        context_dim: context size (0 for an unconditional flow).
+        num_layers: number of layers.
+        hidden_dims: hidden widths of each MADE.
+        invert: ``True`` (default) for a cheap ``log_prob``; ``False`` gives an IAF.
+        residual: residual MADE blocks.
+        log_scale_bound: largest log-scale one layer applies.
+        activation: activation of each MADE.
+    """
+    return autoregressive_flow(
+        input_dim, Affine(log_scale_bound), context_dim, num_layers=num_layers,
+        hidden_dims=hidden_dims, invert=invert, residual=residual, activation=activation,
+    )
+
+
+def iaf(
+    input_dim: int,
+    context_dim: int = 0,
+    *,
+    num_layers: int = 5,
+    hidden_dims: Sequence[int] = (64, 64),
+    residual: bool = False,
+    log_scale_bound: float = 3.0,
+    activation: Callable[[], nn.Module] = nn.ReLU,
+) -> Flow:
+    """Inverse autoregressive flow (Kingma et al., 2016): ``maf(..., invert=False)``.
+
+    Sampling is one pass per layer and fresh samples are scored without inversion: the
+    direction a variational guide wants. For a spline IAF use ``nsf(..., invert=False)``.
+
+    Args:
+        input_dim: event size ``D``.
+        context_dim: context size (0 for an unconditional flow).
+        num_layers: number of layers.
+        hidden_dims: hidden widths of each MADE.
+        residual: residual MADE blocks.
+        log_scale_bound: largest log-scale one layer applies.
+        activation: activation of each MADE.
+    """
+    return maf(
+        input_dim, context_dim, num_layers=num_layers, hidden_dims=hidden_dims, invert=False,
+        residual=residual, log_scale_bound=log_scale_bound, activation=activation,
+    )
+
+
+def realnvp(
+    input_dim: int,
+    context_dim: int = 0,
+    *,
+    num_layers: int = 5,
+    hidden_dims: Sequence[int] = (64, 64),
+    log_scale_bound: float = 3.0,
+    activation: Callable[[], nn.Module] = nn.ReLU,
+) -> Flow:
+    """Real NVP (Dinh et al., 2017): affine coupling layers; both directions cheap.
+
+    Args:
+        input_dim: event size ``D``.
+        context_dim: context size (0 for an unconditional flow).
+        num_layers: number of coupling layers.
+        hidden_dims: hidden widths of each MLP.
+        log_scale_bound: largest log-scale one layer applies.
+        activation: activation of each MLP.
+    """
+    return coupling_flow(
+        input_dim, Affine(log_scale_bound), context_dim, num_layers=num_layers,
+        hidden_dims=hidden_dims, activation=activation,
+    )
+
+
+def nice(
+    input_dim: int,
+    context_dim: int = 0,
+    *,
+    num_layers: int = 4,
+    hidden_dims: Sequence[int] = (64, 64),
+    activation: Callable[[], nn.Module] = nn.ReLU,
+) -> Flow:
+    """NICE (Dinh et al., 2015): additive coupling layers and a final diagonal scaling.
+
+    The coupling layers preserve volume; the last layer is an :class:`~pyroflows.ActNorm`
+    (learnable per-feature scale and shift) on the data side.
+
+    Args:
+        input_dim: event size ``D``.
+        context_dim: context size (0 for an unconditional flow).
+        num_layers: number of additive coupling layers.
+        hidden_dims: hidden widths of each MLP.
+        activation: activation of each MLP.
+    """
+    flow = coupling_flow(
+        input_dim, Additive(), context_dim, num_layers=num_layers, hidden_dims=hidden_dims,
+        activation=activation,
+    )
+    flow.layers.append(ActNorm(input_dim))
+    return flow

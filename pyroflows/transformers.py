@@ -1,0 +1,271 @@
+"""Transformers: elementwise bijections built from raw parameter tensors.
+
+A transformer is the elementwise half of a flow layer. It owns no learnable state: a
+conditioner network produces a tensor ``params`` of shape ``x.shape + (num_params,)`` and the
+transformer maps ``x`` elementwise with it. Structures (:class:`~pyroflows.Coupling`,
+:class:`~pyroflows.Autoregressive`) accept any transformer, so a new elementwise map written
+here works in every structure at once.
+
+Conventions:
+
+* ``forward(params, x)`` returns ``(y, log|dy/dx|)`` elementwise; ``inverse(params, y)``
+  returns ``(x, log|dx/dy|)``; all outputs have the shape of the input.
+* All-zero parameters give the identity, so a zero-initialised conditioner makes the layer
+  start as the identity.
+
+Example:
+    >>> import torch
+    >>> from pyroflows.transformers import Affine
+    >>> t = Affine()
+    >>> x = torch.randn(4, 3)
+    >>> y, ladj = t.forward(torch.zeros(4, 3, t.num_params), x)
+    >>> bool(torch.equal(x, y)), bool((ladj == 0).all())
+    (True, True)
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+from .splines import (
+    DEFAULT_MIN_BIN_HEIGHT,
+    DEFAULT_MIN_BIN_WIDTH,
+    DEFAULT_MIN_DERIVATIVE,
+    bounded_rational_quadratic_spline,
+    check_spline_args,
+    circular_rational_quadratic_spline,
+    rational_quadratic_spline,
+)
+
+__all__ = [
+    "Transformer",
+    "Affine",
+    "Additive",
+    "RationalQuadraticSpline",
+    "BoundedRationalQuadraticSpline",
+    "CircularRationalQuadraticSpline",
+]
+
+
+class Transformer(ABC):
+    """An elementwise bijection parameterised by ``num_params`` numbers per element."""
+
+    #: Number of raw parameters each element needs.
+    num_params: int
+
+    @abstractmethod
+    def forward(self, params: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Map ``x`` with ``params`` (shape ``x.shape + (num_params,)``); return ``(y, ladj)``."""
+
+    @abstractmethod
+    def inverse(self, params: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Invert :meth:`forward`; return ``(x, log|dx/dy|)``."""
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and vars(self) == vars(other)
+
+    def __hash__(self) -> int:
+        return hash((type(self), tuple(sorted(vars(self).items()))))
+
+
+class Affine(Transformer):
+    """``y = shift + exp(log_scale) * x`` with a smoothly bounded log-scale.
+
+    The raw log-scale ``r`` is soft-clipped to ``bound * tanh(r / bound)``, which is the
+    identity near zero and keeps the per-layer scale within ``[exp(-bound), exp(bound)]``.
+    Parameters per element: ``(shift, raw_log_scale)``.
+
+    Args:
+        log_scale_bound: largest absolute log-scale a single layer can apply.
+    """
+
+    num_params = 2
+
+    def __init__(self, log_scale_bound: float = 3.0):
+        if not (log_scale_bound > 0 and math.isfinite(log_scale_bound)):
+            raise ValueError(f"log_scale_bound must be positive and finite, got {log_scale_bound!r}")
+        self.log_scale_bound = float(log_scale_bound)
+
+    def _split(self, params: Tensor) -> tuple[Tensor, Tensor]:
+        shift, raw = params.unbind(-1)
+        return shift, self.log_scale_bound * torch.tanh(raw / self.log_scale_bound)
+
+    def forward(self, params: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        shift, log_scale = self._split(params)
+        return shift + torch.exp(log_scale) * x, log_scale.expand_as(x)
+
+    def inverse(self, params: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        shift, log_scale = self._split(params)
+        return (y - shift) * torch.exp(-log_scale), (-log_scale).expand_as(y)
+
+
+class Additive(Transformer):
+    """``y = x + shift``: volume preserving (NICE). Parameters per element: ``(shift,)``."""
+
+    num_params = 1
+
+    def forward(self, params: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        y = x + params.squeeze(-1)
+        return y, torch.zeros_like(y)
+
+    def inverse(self, params: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        x = y - params.squeeze(-1)
+        return x, torch.zeros_like(x)
+
+
+class _SplineBase(Transformer):
+    """Shared argument handling of the rational-quadratic transformers."""
+
+    _extra_derivatives: int  # number of derivative parameters minus count_bins
+
+    def __init__(
+        self,
+        count_bins: int = 8,
+        min_bin_width: float = DEFAULT_MIN_BIN_WIDTH,
+        min_bin_height: float = DEFAULT_MIN_BIN_HEIGHT,
+        min_derivative: float = DEFAULT_MIN_DERIVATIVE,
+    ):
+        check_spline_args(count_bins, min_bin_width, min_bin_height, min_derivative)
+        self.count_bins = count_bins
+        self.min_bin_width = min_bin_width
+        self.min_bin_height = min_bin_height
+        self.min_derivative = min_derivative
+
+    @property
+    def num_params(self) -> int:  # type: ignore[override]
+        return 3 * self.count_bins + self._extra_derivatives
+
+    def _split(self, params: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        k = self.count_bins
+        return params.split([k, k, k + self._extra_derivatives], dim=-1)
+
+    def _kwargs(self) -> dict[str, float]:
+        return {
+            "min_bin_width": self.min_bin_width,
+            "min_bin_height": self.min_bin_height,
+            "min_derivative": self.min_derivative,
+        }
+
+
+class RationalQuadraticSpline(_SplineBase):
+    """Monotone rational-quadratic spline on ``[-bound, bound]``, identity outside.
+
+    Parameters per element: ``3 * count_bins - 1`` (widths, heights, interior derivatives).
+
+    Args:
+        count_bins: number of spline bins.
+        bound: half-width of the interval the spline acts on.
+        min_bin_width: minimum bin width (fraction of the interval).
+        min_bin_height: minimum bin height (fraction of the interval).
+        min_derivative: minimum knot derivative.
+    """
+
+    _extra_derivatives = -1
+
+    def __init__(
+        self,
+        count_bins: int = 8,
+        bound: float = 5.0,
+        min_bin_width: float = DEFAULT_MIN_BIN_WIDTH,
+        min_bin_height: float = DEFAULT_MIN_BIN_HEIGHT,
+        min_derivative: float = DEFAULT_MIN_DERIVATIVE,
+    ):
+        super().__init__(count_bins, min_bin_width, min_bin_height, min_derivative)
+        check_spline_args(count_bins, bound=bound)
+        self.bound = float(bound)
+
+    def forward(self, params: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        return rational_quadratic_spline(x, *self._split(params), bound=self.bound, **self._kwargs())
+
+    def inverse(self, params: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        return rational_quadratic_spline(
+            y, *self._split(params), bound=self.bound, inverse=True, **self._kwargs()
+        )
+
+
+class BoundedRationalQuadraticSpline(_SplineBase):
+    """Monotone rational-quadratic bijection of ``[low, high]`` onto itself (no tails).
+
+    For variables that live on an interval. Parameters per element: ``3 * count_bins + 1``.
+
+    Args:
+        count_bins: number of spline bins.
+        low: lower end of the interval.
+        high: upper end of the interval.
+        min_bin_width: minimum bin width (fraction of the interval).
+        min_bin_height: minimum bin height (fraction of the interval).
+        min_derivative: minimum knot derivative.
+    """
+
+    _extra_derivatives = 1
+
+    def __init__(
+        self,
+        count_bins: int = 8,
+        low: float = 0.0,
+        high: float = 1.0,
+        min_bin_width: float = DEFAULT_MIN_BIN_WIDTH,
+        min_bin_height: float = DEFAULT_MIN_BIN_HEIGHT,
+        min_derivative: float = DEFAULT_MIN_DERIVATIVE,
+    ):
+        super().__init__(count_bins, min_bin_width, min_bin_height, min_derivative)
+        if not high > low:
+            raise ValueError(f"need low < high, got low={low!r}, high={high!r}")
+        self.low = float(low)
+        self.high = float(high)
+
+    def forward(self, params: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        return bounded_rational_quadratic_spline(
+            x, *self._split(params), low=self.low, high=self.high, **self._kwargs()
+        )
+
+    def inverse(self, params: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        return bounded_rational_quadratic_spline(
+            y, *self._split(params), low=self.low, high=self.high, inverse=True, **self._kwargs()
+        )
+
+
+class CircularRationalQuadraticSpline(_SplineBase):
+    """Rational-quadratic diffeomorphism of the circle ``[-bound, bound)``, for angles.
+
+    Parameters per element: ``3 * count_bins``.
+
+    Args:
+        count_bins: number of spline bins.
+        bound: half the period (``pi`` for angles in radians).
+        min_bin_width: minimum bin width (fraction of the period).
+        min_bin_height: minimum bin height (fraction of the period).
+        min_derivative: minimum knot derivative.
+    """
+
+    _extra_derivatives = 0
+
+    def __init__(
+        self,
+        count_bins: int = 8,
+        bound: float = math.pi,
+        min_bin_width: float = DEFAULT_MIN_BIN_WIDTH,
+        min_bin_height: float = DEFAULT_MIN_BIN_HEIGHT,
+        min_derivative: float = DEFAULT_MIN_DERIVATIVE,
+    ):
+        super().__init__(count_bins, min_bin_width, min_bin_height, min_derivative)
+        check_spline_args(count_bins, bound=bound)
+        self.bound = float(bound)
+
+    def forward(self, params: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        return circular_rational_quadratic_spline(
+            x, *self._split(params), bound=self.bound, **self._kwargs()
+        )
+
+    def inverse(self, params: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        return circular_rational_quadratic_spline(
+            y, *self._split(params), bound=self.bound, inverse=True, **self._kwargs()
+        )

@@ -1,0 +1,18 @@
+"""Flow layers: structures (coupling, autoregressive) and mixing layers."""
+
+from .autoregressive import Autoregressive
+from .base import FlowModule, FlowTransform, Inverse
+from .coupling import Coupling
+from .mixing import ActNorm, LULinear, Permute, Reverse
+
+__all__ = [
+    "FlowTransform",
+    "FlowModule",
+    "Inverse",
+    "Coupling",
+    "Autoregressive",
+    "Permute",
+    "Reverse",
+    "LULinear",
+    "ActNorm",
+]

@@ -1,0 +1,185 @@
+"""Base classes shared by every pyroflows layer.
+
+* :class:`FlowTransform` is a light :class:`torch.distributions.Transform` on vectors
+  (``event_dim = 1``) with a fused "call and log-det" primitive in both directions.
+* :class:`FlowModule` is the learnable layer: a Pyro ``TransformModule`` *and*
+  ``ConditionalTransformModule``. ``layer.condition(context)`` returns a light
+  :class:`FlowTransform`; used directly (no context) the module is itself that transform, so
+  it plugs into :class:`pyro.distributions.TransformedDistribution` unchanged.
+* :class:`Inverse` swaps the two directions of any layer and still exposes its parameters.
+
+Direction convention (Pyro's): a transform maps the base side to the data side,
+``x = f(z)``. Sampling calls the forward map, scoring calls the inverse.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+
+import torch
+from pyro.distributions import TransformModule
+from pyro.distributions.conditional import ConditionalTransformModule
+from torch import Tensor
+from torch.distributions import Transform, constraints
+
+__all__ = ["FlowTransform", "FlowModule", "Inverse", "check_event", "check_context"]
+
+
+def check_event(x: Tensor, input_dim: int, what: str = "input") -> None:
+    """Raise a :class:`ValueError` unless ``x`` has shape ``(..., input_dim)``."""
+    if x.dim() == 0 or x.shape[-1] != input_dim:
+        raise ValueError(
+            f"expected {what} of shape (..., {input_dim}), got shape {tuple(x.shape)}"
+        )
+
+
+def check_context(context: Tensor | None, context_dim: int, owner: str) -> None:
+    """Raise a :class:`ValueError` if ``context`` does not suit a layer of ``context_dim``."""
+    if context_dim == 0:
+        if context is not None:
+            raise ValueError(
+                f"{owner} is unconditional (context_dim=0) but was given a context of "
+                f"shape {tuple(context.shape)}"
+            )
+        return
+    if context is None:
+        raise ValueError(
+            f"{owner} is conditional and needs a context of shape (..., {context_dim}); "
+            "call .condition(context)"
+        )
+    if not isinstance(context, Tensor):
+        raise ValueError(f"context must be a torch.Tensor, got {type(context).__name__}")
+    if context.dim() == 0 or context.shape[-1] != context_dim:
+        raise ValueError(
+            f"{owner} expects a context of shape (..., {context_dim}), "
+            f"got shape {tuple(context.shape)}"
+        )
+
+
+def broadcast_context(x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Expand ``x`` and ``context`` to their common batch shape, with a clear error."""
+    if context is None:
+        return x, None
+    try:
+        shape = torch.broadcast_shapes(x.shape[:-1], context.shape[:-1])
+    except RuntimeError:
+        raise ValueError(
+            f"the context batch shape {tuple(context.shape[:-1])} does not broadcast with "
+            f"the input batch shape {tuple(x.shape[:-1])}"
+        ) from None
+    return x.expand(shape + x.shape[-1:]), context.expand(shape + context.shape[-1:])
+
+
+class FlowTransform(Transform):
+    """A bijection of vectors (``event_dim = 1``) with fused value-and-log-det calls.
+
+    Subclasses implement :meth:`call_and_ladj` and :meth:`inv_and_ladj`; the plain
+    ``Transform`` methods are derived from them. ``log_abs_det_jacobian(x, y)`` returns the
+    log-det of the forward map with the event dimension summed out (shape ``x.shape[:-1]``).
+    No value is cached (``cache_size=0``), so repeated calls on the same tensor recompute.
+    """
+
+    domain = constraints.independent(constraints.real, 1)
+    codomain = constraints.independent(constraints.real, 1)
+    bijective = True
+
+    __hash__ = object.__hash__
+
+    @abstractmethod
+    def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Forward map: ``(y, log|det dy/dx|)``."""
+
+    @abstractmethod
+    def inv_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Inverse map: ``(x, log|det dx/dy|)``."""
+
+    def _call(self, x: Tensor) -> Tensor:
+        return self.call_and_ladj(x)[0]
+
+    def _inverse(self, y: Tensor) -> Tensor:
+        return self.inv_and_ladj(y)[0]
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.call_and_ladj(x)[1]
+
+    @property
+    def inv(self) -> FlowTransform:
+        return _InverseFlowTransform(self)
+
+
+class _InverseFlowTransform(FlowTransform):
+    def __init__(self, base: FlowTransform):
+        super().__init__()
+        self._base = base
+
+    @property
+    def inv(self) -> FlowTransform:
+        return self._base
+
+    def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self._base.inv_and_ladj(x)
+
+    def inv_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        return self._base.call_and_ladj(y)
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        return -self._base.log_abs_det_jacobian(y, x)
+
+
+class FlowModule(FlowTransform, TransformModule, ConditionalTransformModule):
+    """A learnable flow layer, conditional or not.
+
+    Subclasses set ``input_dim`` and ``context_dim`` and implement :meth:`condition`. Called
+    directly (as a ``Transform``) the module acts as ``self.condition(None)``, so an
+    unconditional layer works wherever a Pyro ``TransformModule`` does, and a conditional one
+    raises a clear error asking for a context.
+    """
+
+    input_dim: int
+    context_dim: int = 0
+
+    __hash__ = TransformModule.__hash__
+
+    @abstractmethod
+    def condition(self, context: Tensor | None = None) -> FlowTransform:
+        """The transform for one context (``None`` for an unconditional layer)."""
+
+    def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.condition(None).call_and_ladj(x)
+
+    def inv_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        return self.condition(None).inv_and_ladj(y)
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.condition(None).log_abs_det_jacobian(x, y)
+
+    @property
+    def inv(self) -> FlowModule:
+        """The inverse layer, a module that shares (and exposes) this layer's parameters."""
+        return Inverse(self)
+
+
+class Inverse(FlowModule):
+    """The inverse of a :class:`FlowModule`: forward and inverse swapped, same parameters.
+
+    Unlike ``Transform.inv`` this is itself an ``nn.Module``, so ``layer.inv.parameters()``
+    lists the parameters of ``layer`` and ``pyro.module`` registers them.
+
+    Args:
+        layer: the layer to invert.
+    """
+
+    def __init__(self, layer: FlowModule):
+        super().__init__()
+        if not isinstance(layer, FlowModule):
+            raise TypeError(f"Inverse expects a FlowModule, got {type(layer).__name__}")
+        self.layer = layer
+        self.input_dim = layer.input_dim
+        self.context_dim = layer.context_dim
+
+    @property
+    def inv(self) -> FlowModule:
+        return self.layer
+
+    def condition(self, context: Tensor | None = None) -> FlowTransform:
+        return _InverseFlowTransform(self.layer.condition(context))

@@ -1,0 +1,122 @@
+"""Coupling layers (Dinh et al., 2015, 2017; Durkan et al., 2019)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..conditioners import MLP
+from ..transformers import Transformer
+from .base import FlowModule, FlowTransform, broadcast_context, check_context, check_event
+
+__all__ = ["Coupling"]
+
+
+class Coupling(FlowModule):
+    """Coupling layer: some features pass through unchanged and parameterise the rest.
+
+    ``y[id] = x[id]`` and ``y[tr] = T(x[tr]; net(x[id], context))`` for an elementwise
+    :class:`~pyroflows.transformers.Transformer` ``T`` and a conditioner network ``net``.
+    **Both directions are cheap** (one network pass each), so a coupling flow samples and
+    scores equally fast. The Jacobian is block triangular with an identity block on ``id``.
+
+    Args:
+        input_dim: size ``D`` of the vectors transformed.
+        transformer: the elementwise map applied to the transformed features.
+        context_dim: size of the context (0 for an unconditional layer).
+        hidden_dims: hidden widths of the default :class:`~pyroflows.conditioners.MLP`.
+        mask: boolean tensor of shape ``(D,)``, ``True`` where a feature passes through
+            unchanged. Default: the first ``D // 2`` features.
+        conditioner: a custom network ``net(x_id, context) -> (..., n_tr * num_params)``
+            replacing the default MLP.
+        activation: activation of the default MLP.
+
+    Example:
+        >>> import torch
+        >>> from pyroflows import Coupling
+        >>> from pyroflows.transformers import RationalQuadraticSpline
+        >>> layer = Coupling(4, RationalQuadraticSpline(count_bins=8), context_dim=2)
+        >>> y = layer.condition(torch.randn(2)).forward(torch.randn(10, 4))  # .forward == __call__
+        >>> y.shape
+        torch.Size([10, 4])
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        transformer: Transformer,
+        *,
+        context_dim: int = 0,
+        hidden_dims: Sequence[int] = (64, 64),
+        mask: Tensor | Sequence[bool] | None = None,
+        conditioner: nn.Module | None = None,
+        activation: Callable[[], nn.Module] = nn.ReLU,
+    ):
+        super().__init__()
+        if input_dim < 1:
+            raise ValueError(f"input_dim must be >= 1, got {input_dim}")
+        if context_dim < 0:
+            raise ValueError(f"context_dim must be >= 0, got {context_dim}")
+        if mask is None:
+            mask = torch.arange(input_dim) < input_dim // 2
+        mask = torch.as_tensor(mask, dtype=torch.bool)
+        if mask.shape != (input_dim,):
+            raise ValueError(f"mask must have shape ({input_dim},), got {tuple(mask.shape)}")
+        if bool(mask.all()):
+            raise ValueError("mask leaves no feature to transform; some entries must be False")
+        self.input_dim, self.context_dim = input_dim, context_dim
+        self.transformer = transformer
+        idx_id, idx_tr = mask.nonzero().squeeze(-1), (~mask).nonzero().squeeze(-1)
+        self.register_buffer("mask", mask)
+        self.register_buffer("idx_id", idx_id)
+        self.register_buffer("idx_tr", idx_tr)
+        self.register_buffer("merge_index", torch.argsort(torch.cat([idx_id, idx_tr])))
+        self.num_transformed = len(idx_tr)
+        if conditioner is None:
+            conditioner = MLP(
+                len(idx_id),
+                self.num_transformed * transformer.num_params,
+                hidden_dims,
+                context_features=context_dim,
+                activation=activation,
+            )
+        self.conditioner = conditioner
+
+    def extra_repr(self) -> str:
+        return (
+            f"input_dim={self.input_dim}, context_dim={self.context_dim}, "
+            f"transformer={self.transformer!r}"
+        )
+
+    def condition(self, context: Tensor | None = None) -> FlowTransform:
+        check_context(context, self.context_dim, type(self).__name__)
+        return _CouplingTransform(self, context)
+
+
+class _CouplingTransform(FlowTransform):
+    def __init__(self, layer: Coupling, context: Tensor | None):
+        super().__init__()
+        self.layer, self.context = layer, context
+
+    def _split(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        layer = self.layer
+        check_event(x, layer.input_dim)
+        x, context = broadcast_context(x, self.context)
+        x_id, x_tr = x.index_select(-1, layer.idx_id), x.index_select(-1, layer.idx_tr)
+        params = layer.conditioner(x_id, context)
+        return x_id, x_tr, params.unflatten(-1, (layer.num_transformed, -1))
+
+    def _merge(self, x_id: Tensor, y_tr: Tensor) -> Tensor:
+        return torch.cat([x_id, y_tr], dim=-1).index_select(-1, self.layer.merge_index)
+
+    def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x_id, x_tr, params = self._split(x)
+        y_tr, ladj = self.layer.transformer.forward(params, x_tr)
+        return self._merge(x_id, y_tr), ladj.sum(-1)
+
+    def inv_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        y_id, y_tr, params = self._split(y)
+        x_tr, ladj = self.layer.transformer.inverse(params, y_tr)
+        return self._merge(y_id, x_tr), ladj.sum(-1)

@@ -1,0 +1,183 @@
+"""Mixing layers: permutations, LU-decomposed linear maps and ActNorm.
+
+These layers take no context (given one, they ignore it, so they sit inside conditional
+flows). Both directions are cheap. Fixed indices are buffers, so ``.to(device)`` and
+``state_dict`` carry them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .base import FlowModule, FlowTransform, check_event
+
+__all__ = ["Permute", "Reverse", "LULinear", "ActNorm"]
+
+
+class _ContextFree(FlowModule):
+    """A layer whose transform does not depend on a context: it is its own transform."""
+
+    def condition(self, context: Tensor | None = None) -> FlowTransform:
+        return self
+
+
+class Permute(_ContextFree):
+    """Reorder features: ``y = x[..., permutation]``. Volume preserving, both ways cheap.
+
+    Args:
+        permutation: a permutation of ``range(D)``.
+
+    Example:
+        >>> import torch
+        >>> from pyroflows import Permute
+        >>> Permute([2, 0, 1])(torch.tensor([10.0, 20.0, 30.0]))
+        tensor([30., 10., 20.])
+    """
+
+    def __init__(self, permutation: Sequence[int] | Tensor):
+        super().__init__()
+        perm = torch.as_tensor(permutation, dtype=torch.long).flatten()
+        if sorted(perm.tolist()) != list(range(len(perm))) or len(perm) == 0:
+            raise ValueError(f"not a permutation of range(n): {perm.tolist()}")
+        self.input_dim = len(perm)
+        self.register_buffer("permutation", perm)
+        self.register_buffer("inverse_permutation", torch.argsort(perm))
+
+    def extra_repr(self) -> str:
+        return f"permutation={self.permutation.tolist()}"
+
+    def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        check_event(x, self.input_dim)
+        return x.index_select(-1, self.permutation), x.new_zeros(x.shape[:-1])
+
+    def inv_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        check_event(y, self.input_dim)
+        return y.index_select(-1, self.inverse_permutation), y.new_zeros(y.shape[:-1])
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        return x.new_zeros(x.shape[:-1])
+
+
+class Reverse(Permute):
+    """Reverse the order of the features.
+
+    Args:
+        input_dim: size ``D`` of the vectors.
+    """
+
+    def __init__(self, input_dim: int):
+        super().__init__(torch.arange(input_dim - 1, -1, -1))
+
+
+class LULinear(_ContextFree):
+    """Invertible linear map ``y = W x + b`` with ``W = P L U`` (Kingma & Dhariwal, 2018).
+
+    ``P`` is a fixed permutation (a buffer), ``L`` unit lower triangular, ``U`` upper
+    triangular with a positive diagonal ``exp(log_diag)``. Initialised to the identity. The
+    forward map is a matrix product, the inverse two triangular solves; the log-det is
+    ``sum(log_diag)``.
+
+    Args:
+        input_dim: size ``D`` of the vectors.
+        permutation: the fixed permutation ``P`` as indices (default identity).
+    """
+
+    def __init__(self, input_dim: int, permutation: Sequence[int] | Tensor | None = None):
+        super().__init__()
+        if input_dim < 1:
+            raise ValueError(f"input_dim must be >= 1, got {input_dim}")
+        self.input_dim = input_dim
+        perm = torch.arange(input_dim) if permutation is None else torch.as_tensor(permutation)
+        if sorted(perm.tolist()) != list(range(input_dim)):
+            raise ValueError(f"not a permutation of range({input_dim}): {perm.tolist()}")
+        self.register_buffer("permutation", perm.long())
+        self.register_buffer("inverse_permutation", torch.argsort(perm.long()))
+        self.lower = nn.Parameter(torch.zeros(input_dim, input_dim))
+        self.upper = nn.Parameter(torch.zeros(input_dim, input_dim))
+        self.log_diag = nn.Parameter(torch.zeros(input_dim))
+        self.bias = nn.Parameter(torch.zeros(input_dim))
+
+    def extra_repr(self) -> str:
+        return f"input_dim={self.input_dim}"
+
+    def _factors(self) -> tuple[Tensor, Tensor]:
+        eye = torch.eye(self.input_dim, dtype=self.lower.dtype, device=self.lower.device)
+        lower = self.lower.tril(-1) + eye
+        upper = self.upper.triu(1) + torch.diag(self.log_diag.exp())
+        return lower, upper
+
+    def weight(self) -> Tensor:
+        """The matrix ``W = P L U``."""
+        lower, upper = self._factors()
+        return (lower @ upper).index_select(0, self.permutation)
+
+    def _ladj(self, x: Tensor) -> Tensor:
+        return self.log_diag.sum().expand(x.shape[:-1])
+
+    def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        check_event(x, self.input_dim)
+        return nn.functional.linear(x, self.weight(), self.bias), self._ladj(x)
+
+    def inv_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        check_event(y, self.input_dim)
+        lower, upper = self._factors()
+        # Rows r = y - b solve x (P L U)^T = r, i.e. x U^T L^T = r P.
+        rows = (y - self.bias).index_select(-1, self.inverse_permutation).reshape(-1, self.input_dim)
+        t = torch.linalg.solve_triangular(lower.T, rows, upper=True, left=False, unitriangular=True)
+        x = torch.linalg.solve_triangular(upper.T, t, upper=False, left=False)
+        return x.reshape(y.shape), -self._ladj(y)
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        return self._ladj(x)
+
+
+class ActNorm(_ContextFree):
+    """Learnable elementwise affine map ``y = loc + exp(log_scale) * x`` (ActNorm-style).
+
+    Starts as the identity. :meth:`initialize` sets it from data so that the inverse map
+    standardises that data, as Glow's data-dependent initialisation does.
+
+    Args:
+        input_dim: size ``D`` of the vectors.
+    """
+
+    def __init__(self, input_dim: int):
+        super().__init__()
+        if input_dim < 1:
+            raise ValueError(f"input_dim must be >= 1, got {input_dim}")
+        self.input_dim = input_dim
+        self.loc = nn.Parameter(torch.zeros(input_dim))
+        self.log_scale = nn.Parameter(torch.zeros(input_dim))
+
+    def extra_repr(self) -> str:
+        return f"input_dim={self.input_dim}"
+
+    @torch.no_grad()
+    def initialize(self, y: Tensor, eps: float = 1e-6) -> ActNorm:
+        """Set ``loc``/``log_scale`` to the mean and log-std of ``y`` (shape ``(N, D)``).
+
+        A column with zero variance gets scale ``eps`` rather than a log-scale of ``-inf``.
+        Returns ``self``.
+        """
+        check_event(y, self.input_dim, "data")
+        flat = y.reshape(-1, self.input_dim)
+        if flat.shape[0] < 2:
+            raise ValueError("ActNorm.initialize needs at least 2 rows of data")
+        self.loc.copy_(flat.mean(0))
+        self.log_scale.copy_(flat.std(0).clamp_min(eps).log())
+        return self
+
+    def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        check_event(x, self.input_dim)
+        return self.loc + self.log_scale.exp() * x, self.log_scale.sum().expand(x.shape[:-1])
+
+    def inv_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        check_event(y, self.input_dim)
+        x = (y - self.loc) * torch.exp(-self.log_scale)
+        return x, -self.log_scale.sum().expand(y.shape[:-1])
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.log_scale.sum().expand(x.shape[:-1])
