@@ -73,7 +73,7 @@ class MLP(nn.Module):
         self.context_features = context_features
         sizes = (in_features + context_features, *hidden_dims, out_features)
         layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=False)):
             if i:
                 layers.append(activation())
             layers.append(nn.Linear(a, b))
@@ -148,7 +148,9 @@ class MADE(nn.Module):
             raise ValueError(f"residual blocks need equal hidden_dims, got {hidden_dims}")
         order = torch.arange(features) if order is None else torch.as_tensor(order).long()
         if sorted(order.tolist()) != list(range(features)):
-            raise ValueError(f"order must be a permutation of range({features}), got {order.tolist()}")
+            raise ValueError(
+                f"order must be a permutation of range({features}), got {order.tolist()}"
+            )
         self.features, self.num_params = features, num_params
         self.context_features = context_features
         self.register_buffer("order", order.clone())
@@ -169,7 +171,7 @@ class MADE(nn.Module):
             layers += [_MaskedResidualBlock(mask(d, d), activation) for d in degs]
             layers.append(activation())
         else:
-            for d_prev, d in zip(degs[:-1], degs[1:]):
+            for d_prev, d in zip(degs[:-1], degs[1:], strict=False):
                 layers += [activation(), MaskedLinear(mask(d, d_prev))]
             layers.append(activation())
         out_deg = in_deg[:features].repeat_interleave(num_params)

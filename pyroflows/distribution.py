@@ -94,7 +94,9 @@ class FlowDistribution(dist.TransformedDistribution):
                 f"distribution's batch shape {tuple(self.batch_shape)} (set by the context)"
             ) from None
         if self._validate_args and not bool(torch.isfinite(value).all()):
-            raise ValueError("values contain NaN or Inf (disable with pyro.enable_validation(False))")
+            raise ValueError(
+                "values contain NaN or Inf (disable with pyro.enable_validation(False))"
+            )
 
     def log_prob(self, value: Tensor) -> Tensor:
         """Log-density of ``value`` (shape ``sample + batch + (D,)``): one inverse pass."""

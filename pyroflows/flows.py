@@ -180,12 +180,22 @@ def nsf(
     transformer = RationalQuadraticSpline(count_bins=count_bins, bound=bound)
     if coupling:
         return coupling_flow(
-            input_dim, transformer, context_dim,
-            num_layers=num_layers, hidden_dims=hidden_dims, activation=activation,
+            input_dim,
+            transformer,
+            context_dim,
+            num_layers=num_layers,
+            hidden_dims=hidden_dims,
+            activation=activation,
         )
     return autoregressive_flow(
-        input_dim, transformer, context_dim, num_layers=num_layers, hidden_dims=hidden_dims,
-        invert=invert, residual=residual, activation=activation,
+        input_dim,
+        transformer,
+        context_dim,
+        num_layers=num_layers,
+        hidden_dims=hidden_dims,
+        invert=invert,
+        residual=residual,
+        activation=activation,
     )
 
 
@@ -213,8 +223,14 @@ def maf(
         activation: activation of each MADE.
     """
     return autoregressive_flow(
-        input_dim, Affine(log_scale_bound), context_dim, num_layers=num_layers,
-        hidden_dims=hidden_dims, invert=invert, residual=residual, activation=activation,
+        input_dim,
+        Affine(log_scale_bound),
+        context_dim,
+        num_layers=num_layers,
+        hidden_dims=hidden_dims,
+        invert=invert,
+        residual=residual,
+        activation=activation,
     )
 
 
@@ -243,8 +259,14 @@ def iaf(
         activation: activation of each MADE.
     """
     return maf(
-        input_dim, context_dim, num_layers=num_layers, hidden_dims=hidden_dims, invert=False,
-        residual=residual, log_scale_bound=log_scale_bound, activation=activation,
+        input_dim,
+        context_dim,
+        num_layers=num_layers,
+        hidden_dims=hidden_dims,
+        invert=False,
+        residual=residual,
+        log_scale_bound=log_scale_bound,
+        activation=activation,
     )
 
 
@@ -268,8 +290,12 @@ def realnvp(
         activation: activation of each MLP.
     """
     return coupling_flow(
-        input_dim, Affine(log_scale_bound), context_dim, num_layers=num_layers,
-        hidden_dims=hidden_dims, activation=activation,
+        input_dim,
+        Affine(log_scale_bound),
+        context_dim,
+        num_layers=num_layers,
+        hidden_dims=hidden_dims,
+        activation=activation,
     )
 
 
@@ -294,7 +320,11 @@ def nice(
         activation: activation of each MLP.
     """
     flow = coupling_flow(
-        input_dim, Additive(), context_dim, num_layers=num_layers, hidden_dims=hidden_dims,
+        input_dim,
+        Additive(),
+        context_dim,
+        num_layers=num_layers,
+        hidden_dims=hidden_dims,
         activation=activation,
     )
     flow.layers.append(ActNorm(input_dim))

@@ -211,8 +211,12 @@ def rational_quadratic_spline(
         ``(y, log|dy/dx|)`` for the requested direction, both of shape ``S``. All-zero raw
         parameters give the identity.
     """
-    _check_raw(unnormalized_widths, unnormalized_heights, unnormalized_derivatives,
-               unnormalized_widths.shape[-1] - 1)
+    _check_raw(
+        unnormalized_widths,
+        unnormalized_heights,
+        unnormalized_derivatives,
+        unnormalized_widths.shape[-1] - 1,
+    )
     widths, xk = _knots(unnormalized_widths, -bound, bound, min_bin_width)
     heights, yk = _knots(unnormalized_heights, -bound, bound, min_bin_height)
     inner = _derivatives(unnormalized_derivatives, min_derivative)
@@ -256,8 +260,12 @@ def bounded_rational_quadratic_spline(
     """
     if not high > low:
         raise ValueError(f"need low < high, got low={low!r}, high={high!r}")
-    _check_raw(unnormalized_widths, unnormalized_heights, unnormalized_derivatives,
-               unnormalized_widths.shape[-1] + 1)
+    _check_raw(
+        unnormalized_widths,
+        unnormalized_heights,
+        unnormalized_derivatives,
+        unnormalized_widths.shape[-1] + 1,
+    )
     widths, xk = _knots(unnormalized_widths, low, high, min_bin_width)
     heights, yk = _knots(unnormalized_heights, low, high, min_bin_height)
     derivatives = _derivatives(unnormalized_derivatives, min_derivative)
@@ -297,8 +305,12 @@ def circular_rational_quadratic_spline(
     Returns:
         ``(y, log|dy/dx|)``, both of shape ``S``; all-zero raw parameters give the identity.
     """
-    _check_raw(unnormalized_widths, unnormalized_heights, unnormalized_derivatives,
-               unnormalized_widths.shape[-1])
+    _check_raw(
+        unnormalized_widths,
+        unnormalized_heights,
+        unnormalized_derivatives,
+        unnormalized_widths.shape[-1],
+    )
     widths, xk = _knots(unnormalized_widths, -bound, bound, min_bin_width)
     heights, yk = _knots(unnormalized_heights, -bound, bound, min_bin_height)
     d = _derivatives(unnormalized_derivatives, min_derivative)

@@ -91,7 +91,9 @@ class Affine(Transformer):
 
     def __init__(self, log_scale_bound: float = 3.0):
         if not (log_scale_bound > 0 and math.isfinite(log_scale_bound)):
-            raise ValueError(f"log_scale_bound must be positive and finite, got {log_scale_bound!r}")
+            raise ValueError(
+                f"log_scale_bound must be positive and finite, got {log_scale_bound!r}"
+            )
         self.log_scale_bound = float(log_scale_bound)
 
     def _split(self, params: Tensor) -> tuple[Tensor, Tensor]:
@@ -183,7 +185,9 @@ class RationalQuadraticSpline(_SplineBase):
         self.bound = float(bound)
 
     def forward(self, params: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-        return rational_quadratic_spline(x, *self._split(params), bound=self.bound, **self._kwargs())
+        return rational_quadratic_spline(
+            x, *self._split(params), bound=self.bound, **self._kwargs()
+        )
 
     def inverse(self, params: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         return rational_quadratic_spline(

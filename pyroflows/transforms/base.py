@@ -28,9 +28,7 @@ __all__ = ["FlowTransform", "FlowModule", "Inverse", "check_event", "check_conte
 def check_event(x: Tensor, input_dim: int, what: str = "input") -> None:
     """Raise a :class:`ValueError` unless ``x`` has shape ``(..., input_dim)``."""
     if x.dim() == 0 or x.shape[-1] != input_dim:
-        raise ValueError(
-            f"expected {what} of shape (..., {input_dim}), got shape {tuple(x.shape)}"
-        )
+        raise ValueError(f"expected {what} of shape (..., {input_dim}), got shape {tuple(x.shape)}")
 
 
 def check_context(context: Tensor | None, context_dim: int, owner: str) -> None:

@@ -125,7 +125,9 @@ class LULinear(_ContextFree):
         check_event(y, self.input_dim)
         lower, upper = self._factors()
         # Rows r = y - b solve x (P L U)^T = r, i.e. x U^T L^T = r P.
-        rows = (y - self.bias).index_select(-1, self.inverse_permutation).reshape(-1, self.input_dim)
+        rows = (
+            (y - self.bias).index_select(-1, self.inverse_permutation).reshape(-1, self.input_dim)
+        )
         t = torch.linalg.solve_triangular(lower.T, rows, upper=True, left=False, unitriangular=True)
         x = torch.linalg.solve_triangular(upper.T, t, upper=False, left=False)
         return x.reshape(y.shape), -self._ladj(y)
