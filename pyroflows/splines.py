@@ -132,6 +132,11 @@ def _rqs(
     ``derivatives`` holds the ``K + 1`` knot derivatives. Returns ``(y, log|dy/dx|)`` of the
     requested direction.
     """
+    shape = torch.broadcast_shapes(x.shape, widths.shape[:-1])
+    x = x.expand(shape)
+    widths, heights, derivatives, xk, yk = (
+        t.expand(shape + t.shape[-1:]) for t in (widths, heights, derivatives, xk, yk)
+    )
     idx = _bin_index(yk if inverse else xk, x)
     x_k, w_k = _gather(xk, idx), _gather(widths, idx)
     y_k, h_k = _gather(yk, idx), _gather(heights, idx)
