@@ -64,16 +64,16 @@ def test_monotone_and_finite_at_knots_and_bounds(dtype):
     assert torch.isfinite(x_back).all() and torch.isfinite(ladj_inv).all()
 
 
-def test_log_det_matches_autograd(dtype):
+def test_log_det_matches_autograd(dtype, tol):
     x = torch.linspace(-6, 6, 333, dtype=dtype).requires_grad_()
     w, h, d = raw_params((333,), 8, 7, 2.0, dtype)
     y, ladj = rational_quadratic_spline(x, w, h, d, bound=5.0)
     (grad,) = torch.autograd.grad(y.sum(), x)
-    torch.testing.assert_close(ladj, grad.log())
+    torch.testing.assert_close(ladj, grad.log(), atol=tol, rtol=tol)
     y = y.detach().requires_grad_()
     x2, ladj_inv = rational_quadratic_spline(y, w, h, d, bound=5.0, inverse=True)
     (grad_inv,) = torch.autograd.grad(x2.sum(), y)
-    torch.testing.assert_close(ladj_inv, grad_inv.log())
+    torch.testing.assert_close(ladj_inv, grad_inv.log(), atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("dtype_name, tol", [("float32", 1e-3), ("float64", 1e-9)])
@@ -104,7 +104,8 @@ def test_inverse_is_stable_for_large_raw_parameters(dtype_name, tol):
     assert (y1 - y0).abs().max() <= tol
 
 
-def test_bounded_variant_maps_interval_onto_itself(dtype):
+def test_bounded_variant_maps_interval_onto_itself():
+    dtype = torch.float64  # exact identities; float32 precision is the stress test's job
     w, h, d = raw_params((5,), 6, 7, 2.0, dtype)
     ends = torch.tensor([[-1.0, 3.0]] * 5, dtype=dtype)
     y, _ = bounded_rational_quadratic_spline(
@@ -118,7 +119,8 @@ def test_bounded_variant_maps_interval_onto_itself(dtype):
     torch.testing.assert_close(ladj, -ladj2)
 
 
-def test_circular_variant_is_smooth_across_the_seam(dtype):
+def test_circular_variant_is_smooth_across_the_seam():
+    dtype = torch.float64  # exact identities; float32 precision is the stress test's job
     w, h, d = raw_params((1,), 6, 6, 2.0, dtype)
     eps = 1e-9 if dtype == torch.float64 else 1e-5
     x = torch.tensor([-math.pi + eps, math.pi - eps], dtype=dtype)
