@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
     parser.add_argument("--seed", type=int, default=0, help="seed of data, model and sampling")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="torch device")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="CPU threads (small networks run best on one)"
+    )
     return parser.parse_args(argv)
 
 
@@ -67,6 +70,15 @@ def main(argv: list[str] | None = None) -> float:
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was requested but CUDA is not available")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return fit(args)
+    finally:
+        torch.set_num_threads(threads)  # leave the caller's setting as it was
+
+
+def fit(args: argparse.Namespace) -> float:
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     data = two_moons(args.num_data, seed=args.seed).to(device)
