@@ -27,7 +27,7 @@ def test_training_loop_on_the_same_tensor_needs_no_clear_cache(builder):
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
     assert losses[-1] < losses[0]
 
 
