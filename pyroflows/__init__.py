@@ -1,7 +1,7 @@
 """pyroflows: normalizing flows written for Pyro.
 
 Layers map base to data (``x = f(z)``, Pyro's convention) and are Pyro
-``TransformModule`` s; :class:`Flow` turns a stack of them into a distribution.
+``TransformModule``s; `Flow` turns a stack of them into a distribution.
 """
 
 from . import conditioners, flows, splines, transformers

@@ -1,10 +1,10 @@
-"""Conditioner networks: plain ``nn.Module`` s that know nothing of flows.
+"""Conditioner networks: plain ``nn.Module``s that know nothing of flows.
 
 A conditioner maps ``input ⊕ context`` to the raw parameters of a transformer. Two are
 provided:
 
-* :class:`MLP`, a dense network, used by coupling layers;
-* :class:`MADE`, a masked autoregressive network (Germain et al., 2015) whose output for
+* `MLP`, a dense network, used by coupling layers;
+* `MADE`, a masked autoregressive network (Germain et al., 2015) whose output for
   feature ``i`` depends only on the inputs that come before ``i`` in a given order (and on the
   context), optionally with masked residual blocks. Used by autoregressive layers.
 

@@ -1,4 +1,4 @@
-"""Flow distributions: the :class:`Flow` module and the distribution it returns."""
+"""Flow distributions: the `Flow` module and the distribution it returns."""
 
 from __future__ import annotations
 
@@ -43,19 +43,19 @@ class DiagNormal(nn.Module):
 class FlowDistribution(dist.TransformedDistribution):
     """A base distribution pushed through flow transforms, scored in one pass.
 
-    A :class:`pyro.distributions.TransformedDistribution` (so Pyro treats it as one) whose
-    :meth:`log_prob` runs the inverse maps and their log-dets together, and which adds
-    :meth:`rsample_and_log_prob`. Usually obtained from :meth:`Flow.condition`.
+    A `pyro.distributions.TransformedDistribution` (so Pyro treats it as one) whose
+    `log_prob` runs the inverse maps and their log-dets together, and which adds
+    `rsample_and_log_prob`. Usually obtained from `Flow.condition`.
 
     Scoring a fresh sample: the distribution keeps the log-density of its latest
-    :meth:`rsample` and returns it when :meth:`log_prob` is called on that very tensor (the
+    `rsample` and returns it when `log_prob` is called on that very tensor (the
     same identity test as torch's ``cache_size=1``). This is what lets an IAF-direction guide
     in SVI score its own samples without inverting them. Any other tensor, including data
     scored at every step of a training loop, is recomputed, so there is nothing to clear.
 
     Args:
         base_dist: base distribution with event shape ``(D,)``.
-        transforms: :class:`~pyroflows.transforms.FlowTransform` s, applied base to data.
+        transforms: `FlowTransform`s, applied base to data.
         validate_args: Pyro/torch argument validation (checks values for NaN/Inf).
     """
 
@@ -93,7 +93,12 @@ class FlowDistribution(dist.TransformedDistribution):
                 f"values of batch shape {tuple(value.shape[:-1])} do not broadcast with the "
                 f"distribution's batch shape {tuple(self.batch_shape)} (set by the context)"
             ) from None
-        if self._validate_args and not bool(torch.isfinite(value).all()):
+        # Value checks need the host; like torch's own validation they are skipped when compiling.
+        if (
+            self._validate_args
+            and not torch.compiler.is_compiling()
+            and not bool(torch.isfinite(value).all())
+        ):
             raise ValueError(
                 "values contain NaN or Inf (disable with pyro.enable_validation(False))"
             )
@@ -136,7 +141,7 @@ class Flow(nn.Module):
     """A normalizing flow: flow layers on top of a base distribution.
 
     ``flow.condition(context)`` (or ``flow(context)``; ``flow()`` when unconditional)
-    returns a :class:`FlowDistribution`. With a context batch of shape ``(B, C)`` the
+    returns a `FlowDistribution`. With a context batch of shape ``(B, C)`` the
     distribution has batch shape ``(B,)``, so ``sample((n,))`` has shape ``(n, B, D)`` and
     ``log_prob`` accepts values of shape ``(..., B, D)``.
 
@@ -149,7 +154,7 @@ class Flow(nn.Module):
         input_dim: size ``D`` of the event.
         context_dim: size of the context (0 for an unconditional flow).
         base: a module returning the base distribution for a batch shape (default a
-            standard normal :class:`DiagNormal`).
+            standard normal `DiagNormal`).
 
     Example:
         >>> import torch
@@ -195,7 +200,11 @@ class Flow(nn.Module):
         if context is not None:
             if not torch.is_floating_point(context):
                 raise ValueError(f"context must be a floating point tensor, got {context.dtype}")
-            if Distribution._validate_args and not bool(torch.isfinite(context).all()):
+            if (
+                Distribution._validate_args
+                and not torch.compiler.is_compiling()
+                and not bool(torch.isfinite(context).all())
+            ):
                 raise ValueError(
                     "context contains NaN or Inf (disable with pyro.enable_validation(False))"
                 )
@@ -205,5 +214,5 @@ class Flow(nn.Module):
         return FlowDistribution(self.base(batch_shape), transforms)
 
     def forward(self, context: Tensor | None = None) -> FlowDistribution:
-        """Same as :meth:`condition`."""
+        """Same as `condition`."""
         return self.condition(context)

@@ -1,22 +1,17 @@
-"""Builders: thin functions that assemble the standard flows as :class:`~pyroflows.Flow` s.
+"""Builders: thin functions that assemble the standard flows as `Flow`s.
 
 Every builder takes ``input_dim`` and ``context_dim`` and the common keywords
 ``num_layers``, ``hidden_dims`` and, where relevant, ``count_bins``, ``bound`` and
 ``invert``. All layers start as the identity (zero-initialised conditioners), so a fresh flow
 is its standard normal base.
 
-Which direction is cheap:
+Which direction is cheap (``D`` is the event size):
 
-=============================  ==================  ==================
-builder                        sample (forward)    log_prob (inverse)
-=============================  ==================  ==================
-``nsf(coupling=True)``         1 pass              1 pass
-``realnvp``, ``nice``          1 pass              1 pass
-``nsf()``, ``maf()``           ``D`` passes        1 pass
-``nsf(invert=False)``, ``iaf`` 1 pass              ``D`` passes [*]_
-=============================  ==================  ==================
-
-.. [*] except for the distribution's own fresh samples, which are scored without inversion.
+| builder | sample (forward) | log_prob (inverse) |
+| --- | --- | --- |
+| ``nsf(coupling=True)``, ``realnvp``, ``nice`` | 1 pass | 1 pass |
+| ``nsf()``, ``maf()`` (``invert=True``) | ``D`` passes | 1 pass |
+| ``nsf(invert=False)``, ``iaf`` | 1 pass | ``D`` passes (0 for its own fresh samples) |
 
 Example:
     >>> import torch
@@ -60,7 +55,7 @@ def autoregressive_flow(
     residual: bool = False,
     activation: Callable[[], nn.Module] = nn.ReLU,
 ) -> Flow:
-    """A stack of :class:`~pyroflows.Autoregressive` layers with alternating orders.
+    """A stack of `Autoregressive` layers with alternating orders.
 
     Consecutive layers use the natural and the reversed feature order, so no permutation
     layers are needed.
@@ -104,7 +99,7 @@ def coupling_flow(
     activation: Callable[[], nn.Module] = nn.ReLU,
     seed: int = 0,
 ) -> Flow:
-    """A stack of :class:`~pyroflows.Coupling` layers with complementary random masks.
+    """A stack of `Coupling` layers with complementary random masks.
 
     Layers come in pairs: a random half of the features passes through the first layer of a
     pair and the other half through the second, so every feature is transformed once per
@@ -309,7 +304,7 @@ def nice(
 ) -> Flow:
     """NICE (Dinh et al., 2015): additive coupling layers and a final diagonal scaling.
 
-    The coupling layers preserve volume; the last layer is an :class:`~pyroflows.ActNorm`
+    The coupling layers preserve volume; the last layer is an `ActNorm`
     (learnable per-feature scale and shift) on the data side.
 
     Args:

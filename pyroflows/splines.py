@@ -6,18 +6,18 @@ where ``log_abs_det = log|dy/dx|`` elementwise, with the same shape as ``y``.
 
 Three variants share one core:
 
-* :func:`rational_quadratic_spline`: a monotone spline on ``[-bound, bound]`` with identity
+* `rational_quadratic_spline`: a monotone spline on ``[-bound, bound]`` with identity
   tails outside, whose boundary derivatives are exactly 1 so the map is C1 on the real line.
   Parameters per element: ``3 * count_bins - 1``.
-* :func:`bounded_rational_quadratic_spline`: a monotone bijection of an interval
+* `bounded_rational_quadratic_spline`: a monotone bijection of an interval
   ``[low, high]`` onto itself, without tails (for data on an interval). Parameters per
   element: ``3 * count_bins + 1``.
-* :func:`circular_rational_quadratic_spline`: a diffeomorphism of the circle
+* `circular_rational_quadratic_spline`: a diffeomorphism of the circle
   ``[-bound, bound)`` (endpoints identified, equal end derivatives), for angles.
   Parameters per element: ``3 * count_bins``.
 
-Bin selection uses comparisons and :func:`torch.gather`, branch selection uses
-:func:`torch.where`: there is no boolean-mask indexing, so a compiled graph has no data
+Bin selection uses comparisons and `torch.gather`, branch selection uses
+`torch.where`: there is no boolean-mask indexing, so a compiled graph has no data
 dependent shapes and a GPU never waits for the host. The inverse solves the per-bin
 quadratic with a cancellation-free root whose discriminant is clamped at zero and whose
 result is clipped to its bin.
@@ -64,7 +64,7 @@ def check_spline_args(
     min_derivative: float = DEFAULT_MIN_DERIVATIVE,
     bound: float | None = None,
 ) -> None:
-    """Raise a :class:`ValueError` if spline hyper-parameters are inconsistent.
+    """Raise a `ValueError` if spline hyper-parameters are inconsistent.
 
     Args:
         count_bins: number of bins, at least 1.

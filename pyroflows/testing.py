@@ -1,17 +1,17 @@
 """Property checks for flow layers, usable on your own transforms.
 
-Each ``check_*`` function takes a :class:`~pyroflows.transforms.FlowTransform` (a conditioned
-layer) or a :class:`~pyroflows.transforms.FlowModule` and raises :class:`AssertionError` with
-a readable message when the property fails. :data:`LAYERS` is the registry of every layer
+Each ``check_*`` function takes a `FlowTransform` (a conditioned
+layer) or a `FlowModule` and raises `AssertionError` with
+a readable message when the property fails. `LAYERS` is the registry of every layer
 pyroflows exports, in the configurations the test suite runs them through; add your own
-:class:`LayerSpec` to run the same checks on a new layer.
+`LayerSpec` to run the same checks on a new layer.
 
 Example:
     >>> import torch
     >>> from pyroflows.testing import LAYERS, check_round_trip, randomize_
     >>> spec = LAYERS["coupling_spline"]
-    >>> layer = randomize_(spec.build(4, 0))
-    >>> check_round_trip(layer.condition(None), spec.sample((7, 4)))
+    >>> layer = randomize_(spec.build(4, 0)).double()
+    >>> check_round_trip(layer.condition(None), spec.sample((7, 4), dtype=torch.float64))
 """
 
 from __future__ import annotations
@@ -201,16 +201,22 @@ def batch_jacobian(f: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
 
 def check_shapes(t: FlowTransform, x: Tensor, batch_shape: tuple[int, ...] | None = None) -> None:
     """Outputs have the input's shape (broadcast with ``batch_shape``); log-dets drop the event."""
-    expected = x.shape if batch_shape is None else torch.broadcast_shapes(
-        x.shape[:-1], batch_shape
-    ) + x.shape[-1:]
+    expected = (
+        x.shape
+        if batch_shape is None
+        else torch.broadcast_shapes(x.shape[:-1], batch_shape) + x.shape[-1:]
+    )
     for name, (out, ladj) in (("forward", t.call_and_ladj(x)), ("inverse", t.inv_and_ladj(x))):
         if out.shape != expected:
             raise AssertionError(f"{name} output shape {tuple(out.shape)} != {tuple(expected)}")
         if ladj.shape != expected[:-1]:
-            raise AssertionError(f"{name} log-det shape {tuple(ladj.shape)} != {tuple(expected[:-1])}")
+            raise AssertionError(
+                f"{name} log-det shape {tuple(ladj.shape)} != {tuple(expected[:-1])}"
+            )
         if out.dtype != x.dtype or out.device != x.device:
-            raise AssertionError(f"{name} output on {out.dtype}/{out.device}, input {x.dtype}/{x.device}")
+            raise AssertionError(
+                f"{name} output on {out.dtype}/{out.device}, input {x.dtype}/{x.device}"
+            )
 
 
 def check_round_trip(t: FlowTransform, x: Tensor, atol: float | None = None) -> None:

@@ -2,8 +2,8 @@
 
 A transformer is the elementwise half of a flow layer. It owns no learnable state: a
 conditioner network produces a tensor ``params`` of shape ``x.shape + (num_params,)`` and the
-transformer maps ``x`` elementwise with it. Structures (:class:`~pyroflows.Coupling`,
-:class:`~pyroflows.Autoregressive`) accept any transformer, so a new elementwise map written
+transformer maps ``x`` elementwise with it. Structures (`Coupling`,
+`Autoregressive`) accept any transformer, so a new elementwise map written
 here works in every structure at once.
 
 Conventions:
@@ -63,7 +63,7 @@ class Transformer(ABC):
 
     @abstractmethod
     def inverse(self, params: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Invert :meth:`forward`; return ``(x, log|dx/dy|)``."""
+        """Invert `forward`; return ``(x, log|dx/dy|)``."""
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))

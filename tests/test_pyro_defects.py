@@ -19,7 +19,9 @@ def test_training_loop_on_the_same_tensor_needs_no_clear_cache(builder):
     data = torch.randn(64, 3)
     opt = torch.optim.Adam(flow.parameters(), lr=1e-2)
     # Also through Pyro's own TransformedDistribution with pyroflows layers.
-    plain = dist.TransformedDistribution(dist.Normal(torch.zeros(3), 1.0).to_event(1), list(flow.layers))
+    plain = dist.TransformedDistribution(
+        dist.Normal(torch.zeros(3), 1.0).to_event(1), list(flow.layers)
+    )
     losses = []
     for _ in range(5):
         for d in (flow(), plain):
@@ -87,7 +89,9 @@ def test_conditional_flow_samples_a_context_batch_without_expanding_the_base():
 def test_spline_layer_inverse_with_large_conditioner_outputs(dtype, tol):
     """Pyro and nflows raise on a negative discriminant; zuko can return NaN in float32."""
     torch.manual_seed(0)
-    layer = Coupling(8, RationalQuadraticSpline(count_bins=8), hidden_dims=(32,), mask=torch.arange(8) < 4)
+    layer = Coupling(
+        8, RationalQuadraticSpline(count_bins=8), hidden_dims=(32,), mask=torch.arange(8) < 4
+    )
     # Conditioner outputs of size ~ 5 * randn: zero the network and put the scale in the bias.
     with torch.no_grad():
         for p in layer.conditioner.parameters():

@@ -53,13 +53,18 @@ def test_monotone_and_finite_at_knots_and_bounds(dtype):
     widths = 1e-3 + (1 - 1e-3 * 10) * torch.softmax(w, -1)
     knots = -5 + 10 * torch.cat([torch.zeros(1, 1, dtype=dtype), widths.cumsum(-1)], -1)
     x = torch.cat([x, knots.flatten()]).sort().values
-    y, ladj = rational_quadratic_spline(x, w.expand(len(x), -1), h.expand(len(x), -1),
-                                        d.expand(len(x), -1), bound=5.0)
+    y, ladj = rational_quadratic_spline(
+        x, w.expand(len(x), -1), h.expand(len(x), -1), d.expand(len(x), -1), bound=5.0
+    )
     assert torch.isfinite(y).all() and torch.isfinite(ladj).all()
     assert (y[1:] >= y[:-1]).all(), "spline is not monotone"
     x_back, ladj_inv = rational_quadratic_spline(
-        y, w.expand(len(x), -1), h.expand(len(x), -1), d.expand(len(x), -1),
-        bound=5.0, inverse=True,
+        y,
+        w.expand(len(x), -1),
+        h.expand(len(x), -1),
+        d.expand(len(x), -1),
+        bound=5.0,
+        inverse=True,
     )
     assert torch.isfinite(x_back).all() and torch.isfinite(ladj_inv).all()
 

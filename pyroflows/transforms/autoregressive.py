@@ -17,7 +17,7 @@ class Autoregressive(FlowModule):
     """Autoregressive layer: feature ``i`` is transformed with parameters that depend on the
     features before it (in ``order``) and on the context.
 
-    A masked network (:class:`~pyroflows.conditioners.MADE`) computes all parameters in one
+    A masked network (`MADE`) computes all parameters in one
     pass, but only from one side of the bijection, so **one direction is cheap and the other
     takes ``D`` sequential passes**:
 

@@ -1,12 +1,12 @@
 """Base classes shared by every pyroflows layer.
 
-* :class:`FlowTransform` is a light :class:`torch.distributions.Transform` on vectors
+* `FlowTransform` is a light `torch.distributions.Transform` on vectors
   (``event_dim = 1``) with a fused "call and log-det" primitive in both directions.
-* :class:`FlowModule` is the learnable layer: a Pyro ``TransformModule`` *and*
+* `FlowModule` is the learnable layer: a Pyro ``TransformModule`` *and*
   ``ConditionalTransformModule``. ``layer.condition(context)`` returns a light
-  :class:`FlowTransform`; used directly (no context) the module is itself that transform, so
-  it plugs into :class:`pyro.distributions.TransformedDistribution` unchanged.
-* :class:`Inverse` swaps the two directions of any layer and still exposes its parameters.
+  `FlowTransform`; used directly (no context) the module is itself that transform, so
+  it plugs into `pyro.distributions.TransformedDistribution` unchanged.
+* `Inverse` swaps the two directions of any layer and still exposes its parameters.
 
 Direction convention (Pyro's): a transform maps the base side to the data side,
 ``x = f(z)``. Sampling calls the forward map, scoring calls the inverse.
@@ -26,13 +26,13 @@ __all__ = ["FlowTransform", "FlowModule", "Inverse", "check_event", "check_conte
 
 
 def check_event(x: Tensor, input_dim: int, what: str = "input") -> None:
-    """Raise a :class:`ValueError` unless ``x`` has shape ``(..., input_dim)``."""
+    """Raise a `ValueError` unless ``x`` has shape ``(..., input_dim)``."""
     if x.dim() == 0 or x.shape[-1] != input_dim:
         raise ValueError(f"expected {what} of shape (..., {input_dim}), got shape {tuple(x.shape)}")
 
 
 def check_context(context: Tensor | None, context_dim: int, owner: str) -> None:
-    """Raise a :class:`ValueError` if ``context`` does not suit a layer of ``context_dim``."""
+    """Raise a `ValueError` if ``context`` does not suit a layer of ``context_dim``."""
     if context_dim == 0:
         if context is not None:
             raise ValueError(
@@ -71,7 +71,7 @@ def broadcast_context(x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor
 class FlowTransform(Transform):
     """A bijection of vectors (``event_dim = 1``) with fused value-and-log-det calls.
 
-    Subclasses implement :meth:`call_and_ladj` and :meth:`inv_and_ladj`; the plain
+    Subclasses implement `call_and_ladj` and `inv_and_ladj`; the plain
     ``Transform`` methods are derived from them. ``log_abs_det_jacobian(x, y)`` returns the
     log-det of the forward map with the event dimension summed out (shape ``x.shape[:-1]``).
     No value is cached (``cache_size=0``), so repeated calls on the same tensor recompute.
@@ -127,7 +127,7 @@ class _InverseFlowTransform(FlowTransform):
 class FlowModule(FlowTransform, TransformModule, ConditionalTransformModule):
     """A learnable flow layer, conditional or not.
 
-    Subclasses set ``input_dim`` and ``context_dim`` and implement :meth:`condition`. Called
+    Subclasses set ``input_dim`` and ``context_dim`` and implement `condition`. Called
     directly (as a ``Transform``) the module acts as ``self.condition(None)``, so an
     unconditional layer works wherever a Pyro ``TransformModule`` does, and a conditional one
     raises a clear error asking for a context.
@@ -158,7 +158,7 @@ class FlowModule(FlowTransform, TransformModule, ConditionalTransformModule):
 
 
 class Inverse(FlowModule):
-    """The inverse of a :class:`FlowModule`: forward and inverse swapped, same parameters.
+    """The inverse of a `FlowModule`: forward and inverse swapped, same parameters.
 
     Unlike ``Transform.inv`` this is itself an ``nn.Module``, so ``layer.inv.parameters()``
     lists the parameters of ``layer`` and ``pyro.module`` registers them.

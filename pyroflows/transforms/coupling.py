@@ -18,7 +18,7 @@ class Coupling(FlowModule):
     """Coupling layer: some features pass through unchanged and parameterise the rest.
 
     ``y[id] = x[id]`` and ``y[tr] = T(x[tr]; net(x[id], context))`` for an elementwise
-    :class:`~pyroflows.transformers.Transformer` ``T`` and a conditioner network ``net``.
+    `Transformer` ``T`` and a conditioner network ``net``.
     **Both directions are cheap** (one network pass each), so a coupling flow samples and
     scores equally fast. The Jacobian is block triangular with an identity block on ``id``.
 
@@ -26,7 +26,7 @@ class Coupling(FlowModule):
         input_dim: size ``D`` of the vectors transformed.
         transformer: the elementwise map applied to the transformed features.
         context_dim: size of the context (0 for an unconditional layer).
-        hidden_dims: hidden widths of the default :class:`~pyroflows.conditioners.MLP`.
+        hidden_dims: hidden widths of the default `MLP`.
         mask: boolean tensor of shape ``(D,)``, ``True`` where a feature passes through
             unchanged. Default: the first ``D // 2`` features.
         conditioner: a custom network ``net(x_id, context) -> (..., n_tr * num_params)``
@@ -38,7 +38,7 @@ class Coupling(FlowModule):
         >>> from pyroflows import Coupling
         >>> from pyroflows.transformers import RationalQuadraticSpline
         >>> layer = Coupling(4, RationalQuadraticSpline(count_bins=8), context_dim=2)
-        >>> y = layer.condition(torch.randn(2)).forward(torch.randn(10, 4))  # .forward == __call__
+        >>> y = layer.condition(torch.randn(2))(torch.randn(10, 4))
         >>> y.shape
         torch.Size([10, 4])
     """

@@ -139,7 +139,7 @@ class LULinear(_ContextFree):
 class ActNorm(_ContextFree):
     """Learnable elementwise affine map ``y = loc + exp(log_scale) * x`` (ActNorm-style).
 
-    Starts as the identity. :meth:`initialize` sets it from data so that the inverse map
+    Starts as the identity. `initialize` sets it from data so that the inverse map
     standardises that data, as Glow's data-dependent initialisation does.
 
     Args:
