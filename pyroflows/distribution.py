@@ -149,12 +149,28 @@ class Flow(nn.Module):
     inverses in reverse. Everything (layers, base buffers) moves with ``.to()`` /
     ``.double()`` and is saved in ``state_dict``.
 
+    Two optional lists of fixed maps connect the model's internal scale to the user's (see
+    `pyroflows.fit`, which fills them from the training data):
+
+    * ``data_transforms``: applied after the layers, base side to data side (e.g.
+      `Standardize` then `SupportMap`), so densities are on the user's scale;
+    * ``context_transforms``: the same for the context; the flow applies their *inverses* to
+      a user's context before the layers see it.
+
     Args:
         layers: the flow layers, applied base to data.
         input_dim: size ``D`` of the event.
         context_dim: size of the context (0 for an unconditional flow).
         base: a module returning the base distribution for a batch shape (default a
             standard normal `DiagNormal`).
+        data_transforms: fixed maps applied after ``layers`` (default none).
+        context_transforms: fixed maps from internal to user context (default none).
+
+    Attributes:
+        config: how a builder made this flow (JSON-serialisable), used by `pyroflows.save`;
+            ``None`` for a hand-assembled flow.
+        metadata: free-form JSON-serialisable information saved with the model (e.g.
+            column names).
 
     Example:
         >>> import torch
@@ -171,24 +187,28 @@ class Flow(nn.Module):
         input_dim: int,
         context_dim: int = 0,
         base: nn.Module | None = None,
+        *,
+        data_transforms: Sequence[FlowModule] = (),
+        context_transforms: Sequence[FlowModule] = (),
     ):
         super().__init__()
-        if input_dim < 1:
-            raise ValueError(f"input_dim must be >= 1, got {input_dim}")
-        if context_dim < 0:
-            raise ValueError(f"context_dim must be >= 0, got {context_dim}")
-        for i, layer in enumerate(layers):
-            if not isinstance(layer, FlowModule):
-                raise TypeError(f"layer {i} is a {type(layer).__name__}, not a FlowModule")
-            if layer.input_dim != input_dim:
-                raise ValueError(f"layer {i} has input_dim={layer.input_dim}, expected {input_dim}")
-            if layer.context_dim not in (0, context_dim):
-                raise ValueError(
-                    f"layer {i} has context_dim={layer.context_dim}, expected 0 or {context_dim}"
-                )
+        if not isinstance(input_dim, int) or input_dim < 1:
+            raise ValueError(f"input_dim must be a positive integer, got {input_dim!r}")
+        if not isinstance(context_dim, int) or context_dim < 0:
+            raise ValueError(f"context_dim must be a non-negative integer, got {context_dim!r}")
         self.input_dim, self.context_dim = input_dim, context_dim
-        self.layers = nn.ModuleList(layers)
+        self.layers = nn.ModuleList(_checked(layers, "layer", input_dim, context_dim))
+        self.data_transforms = nn.ModuleList(
+            _checked(data_transforms, "data transform", input_dim, 0)
+        )
+        self.context_transforms = nn.ModuleList(
+            _checked(context_transforms, "context transform", context_dim, 0)
+        )
+        if context_transforms and not context_dim:
+            raise ValueError("context_transforms given to an unconditional flow")
         self.base = DiagNormal(input_dim) if base is None else base
+        self.config: dict | None = None
+        self.metadata: dict = {}
 
     def extra_repr(self) -> str:
         return f"input_dim={self.input_dim}, context_dim={self.context_dim}"
@@ -208,11 +228,30 @@ class Flow(nn.Module):
                 raise ValueError(
                     "context contains NaN or Inf (disable with pyro.enable_validation(False))"
                 )
+            for t in reversed(self.context_transforms):
+                context = t.inv_and_ladj(context)[0]
         transforms = [
             layer.condition(context if layer.context_dim else None) for layer in self.layers
         ]
+        transforms += [t.condition(None) for t in self.data_transforms]
         return FlowDistribution(self.base(batch_shape), transforms)
 
     def forward(self, context: Tensor | None = None) -> FlowDistribution:
         """Same as `condition`."""
         return self.condition(context)
+
+
+def _checked(
+    modules: Sequence[FlowModule], what: str, input_dim: int, context_dim: int
+) -> list[FlowModule]:
+    modules = list(modules)
+    for i, m in enumerate(modules):
+        if not isinstance(m, FlowModule):
+            raise TypeError(f"{what} {i} is a {type(m).__name__}, not a FlowModule")
+        if m.input_dim != input_dim:
+            raise ValueError(f"{what} {i} has input_dim={m.input_dim}, expected {input_dim}")
+        if m.context_dim not in (0, context_dim):
+            raise ValueError(
+                f"{what} {i} has context_dim={m.context_dim}, expected 0 or {context_dim}"
+            )
+    return modules

@@ -41,6 +41,8 @@ from .transforms import (
     LULinear,
     Permute,
     Reverse,
+    Standardize,
+    SupportMap,
 )
 
 __all__ = [
@@ -99,6 +101,7 @@ class LayerSpec:
         low: inputs for the checks are drawn uniformly in ``(low, high)`` ...
         high: ... (most layers act on the real line and use a wide range).
         spline: the transformer is a spline (extra spline checks apply).
+        starts_as_identity: a freshly built layer is the identity map.
     """
 
     build: Callable[[int, int], FlowModule]
@@ -106,6 +109,7 @@ class LayerSpec:
     low: float = -6.0
     high: float = 6.0
     spline: bool = False
+    starts_as_identity: bool = True
 
     def sample(
         self,
@@ -174,13 +178,30 @@ LAYERS: dict[str, LayerSpec] = {
     "permute": LayerSpec(
         lambda d, c: Permute(torch.randperm(d, generator=torch.Generator().manual_seed(2))),
         conditional=False,
+        starts_as_identity=False,
     ),
-    "reverse": LayerSpec(lambda d, c: Reverse(d), conditional=False),
-    "lu_linear": LayerSpec(
+    "reverse": LayerSpec(lambda d, c: Reverse(d), conditional=False, starts_as_identity=False),
+    "lu_linear": LayerSpec(lambda d, c: LULinear(d), conditional=False),
+    "lu_linear_permuted": LayerSpec(
         lambda d, c: LULinear(d, torch.randperm(d, generator=torch.Generator().manual_seed(3))),
         conditional=False,
+        starts_as_identity=False,
     ),
     "act_norm": LayerSpec(lambda d, c: ActNorm(d), conditional=False),
+    "standardize": LayerSpec(
+        lambda d, c: Standardize(torch.linspace(-1.0, 1.0, d), torch.linspace(0.5, 2.0, d)),
+        conditional=False,
+        starts_as_identity=False,
+    ),
+    # Feature kinds cycle through: lower bound only, upper only, both, none.
+    "support_map": LayerSpec(
+        lambda d, c: SupportMap(
+            [(-7.0, -math.inf, -7.0, -math.inf)[i % 4] for i in range(d)],
+            [(math.inf, 7.0, 7.0, math.inf)[i % 4] for i in range(d)],
+        ),
+        conditional=False,
+        starts_as_identity=False,
+    ),
 }
 
 

@@ -4,6 +4,7 @@ from .autoregressive import Autoregressive
 from .base import FlowModule, FlowTransform, Inverse
 from .coupling import Coupling
 from .mixing import ActNorm, LULinear, Permute, Reverse
+from .preprocessing import Standardize, SupportMap
 
 __all__ = [
     "FlowTransform",
@@ -15,4 +16,6 @@ __all__ = [
     "Reverse",
     "LULinear",
     "ActNorm",
+    "Standardize",
+    "SupportMap",
 ]
