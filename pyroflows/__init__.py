@@ -6,6 +6,8 @@ Layers map base to data (``x = f(z)``, Pyro's convention) and are Pyro
 
 from . import conditioners, flows, splines, transformers
 from .distribution import DiagNormal, Flow, FlowDistribution
+from .io import load, save
+from .training import FitHistory, fit
 from .transforms import (
     ActNorm,
     Autoregressive,
@@ -16,6 +18,8 @@ from .transforms import (
     LULinear,
     Permute,
     Reverse,
+    Standardize,
+    SupportMap,
 )
 
 __version__ = "0.1.0"
@@ -34,6 +38,12 @@ __all__ = [
     "Reverse",
     "LULinear",
     "ActNorm",
+    "Standardize",
+    "SupportMap",
+    "fit",
+    "FitHistory",
+    "save",
+    "load",
     "conditioners",
     "flows",
     "splines",

@@ -23,16 +23,64 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
+from . import transformers as _transformers
 from .distribution import Flow
 from .transformers import Additive, Affine, RationalQuadraticSpline, Transformer
 from .transforms import ActNorm, Autoregressive, Coupling, FlowModule
 
 __all__ = ["nsf", "maf", "iaf", "realnvp", "nice", "autoregressive_flow", "coupling_flow"]
+
+
+def encode_config_value(value: Any) -> Any:
+    """A builder argument as JSON: activations by name, transformers as ``{type, args}``."""
+    if isinstance(value, _transformers.Transformer):
+        return {"transformer": type(value).__name__, "args": dict(vars(value))}
+    if inspect.isclass(value) and issubclass(value, nn.Module):
+        if getattr(nn, value.__name__, None) is not value:
+            raise ValueError(f"only torch.nn activations can be saved by name, got {value!r}")
+        return {"activation": value.__name__}
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def decode_config_value(value: Any) -> Any:
+    """Inverse of `encode_config_value`."""
+    if isinstance(value, dict) and "transformer" in value:
+        cls = getattr(_transformers, value["transformer"], None)
+        if cls is None or not issubclass(cls, _transformers.Transformer):
+            raise ValueError(f"unknown transformer {value['transformer']!r}")
+        return cls(**value["args"])
+    if isinstance(value, dict) and "activation" in value:
+        return getattr(nn, value["activation"])
+    return value
+
+
+def _records_config(builder: Callable[..., Flow]) -> Callable[..., Flow]:
+    """Make ``builder`` store its name and arguments in ``flow.config``."""
+    signature = inspect.signature(builder)
+
+    @functools.wraps(builder)
+    def wrapper(*args: Any, **kwargs: Any) -> Flow:
+        flow = builder(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        try:
+            encoded = {k: encode_config_value(v) for k, v in bound.arguments.items()}
+            flow.config = {"builder": builder.__name__, "kwargs": encoded}
+        except ValueError:
+            flow.config = None  # e.g. a custom activation: the flow cannot be saved by config
+        return flow
+
+    return wrapper
 
 
 def _check_common(input_dim: int, context_dim: int, num_layers: int) -> None:
@@ -44,6 +92,7 @@ def _check_common(input_dim: int, context_dim: int, num_layers: int) -> None:
         raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
 
 
+@_records_config
 def autoregressive_flow(
     input_dim: int,
     transformer: Transformer,
@@ -89,6 +138,7 @@ def autoregressive_flow(
     return Flow(layers, input_dim, context_dim)
 
 
+@_records_config
 def coupling_flow(
     input_dim: int,
     transformer: Transformer,
@@ -138,6 +188,7 @@ def coupling_flow(
     return Flow(layers, input_dim, context_dim)
 
 
+@_records_config
 def nsf(
     input_dim: int,
     context_dim: int = 0,
@@ -194,6 +245,7 @@ def nsf(
     )
 
 
+@_records_config
 def maf(
     input_dim: int,
     context_dim: int = 0,
@@ -229,6 +281,7 @@ def maf(
     )
 
 
+@_records_config
 def iaf(
     input_dim: int,
     context_dim: int = 0,
@@ -265,6 +318,7 @@ def iaf(
     )
 
 
+@_records_config
 def realnvp(
     input_dim: int,
     context_dim: int = 0,
@@ -294,6 +348,7 @@ def realnvp(
     )
 
 
+@_records_config
 def nice(
     input_dim: int,
     context_dim: int = 0,

@@ -46,7 +46,9 @@ class Standardize(_Fixed):
         loc = torch.as_tensor(loc, dtype=torch.get_default_dtype()).flatten()
         scale = torch.as_tensor(scale, dtype=loc.dtype).flatten()
         if loc.shape != scale.shape or loc.numel() == 0:
-            raise ValueError(f"loc and scale need the same shape (D,), got {loc.shape}, {scale.shape}")
+            raise ValueError(
+                f"loc and scale need the same shape (D,), got {loc.shape}, {scale.shape}"
+            )
         if not bool(torch.isfinite(loc).all() & torch.isfinite(scale).all() & (scale > 0).all()):
             raise ValueError("loc must be finite and scale finite and positive")
         self.input_dim = loc.numel()
@@ -118,11 +120,17 @@ class SupportMap(_Fixed):
         lower = torch.as_tensor(lower, dtype=torch.get_default_dtype()).flatten()
         upper = torch.as_tensor(upper, dtype=lower.dtype).flatten()
         if lower.shape != upper.shape or lower.numel() == 0:
-            raise ValueError(f"lower and upper need the same shape (D,), got {lower.shape}, {upper.shape}")
+            raise ValueError(
+                f"lower and upper need the same shape (D,), got {lower.shape}, {upper.shape}"
+            )
         if bool(torch.isnan(lower).any() | torch.isnan(upper).any()):
             raise ValueError("bounds must not be NaN (use -inf / inf for no bound)")
-        if not bool((lower < upper).all()) or bool((lower == math.inf).any() | (upper == -math.inf).any()):
-            raise ValueError(f"need lower < upper for every feature, got {lower.tolist()}, {upper.tolist()}")
+        if not bool((lower < upper).all()) or bool(
+            (lower == math.inf).any() | (upper == -math.inf).any()
+        ):
+            raise ValueError(
+                f"need lower < upper for every feature, got {lower.tolist()}, {upper.tolist()}"
+            )
         self.input_dim = lower.numel()
         self.register_buffer("lower", lower)
         self.register_buffer("upper", upper)

@@ -1,0 +1,600 @@
+"""Plots for checking a flow against data: samples, densities, corner plots, loss curves.
+
+The functions need matplotlib (``pip install matplotlib``), imported when a function is
+first called, so importing this module costs nothing. They use matplotlib's
+object-oriented API: each draws into the axes or figure it is given (a new figure when
+none is), returns it, and never calls ``plt.show()``. Data and samples may be torch tensors
+(on any device, with or without gradients) or anything `numpy.asarray` accepts.
+
+Single-panel plots (`plot_density_2d`, `plot_training_curves`) return their
+`matplotlib.axes.Axes`; multi-panel plots (`plot_samples_2d`, `plot_corner`) return the
+`matplotlib.figure.Figure`.
+
+Example:
+    >>> import matplotlib
+    >>> matplotlib.use("Agg")
+    >>> import matplotlib.pyplot as plt
+    >>> from pyroflows import datasets, flows, plot
+    >>> flow = flows.nsf(2, coupling=True, num_layers=2)
+    >>> fig = plot.plot_samples_2d(datasets.two_moons(500), flow().sample((500,)))
+    >>> ax = plot.plot_density_2d(flow, resolution=50)
+    >>> plt.close("all")
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = ["plot_samples_2d", "plot_density_2d", "plot_corner", "plot_training_curves"]
+
+_DATA_COLOR = "C0"
+_SAMPLE_COLOR = "C1"
+
+
+def _pyplot():
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "pyroflows.plot needs matplotlib; install it with `pip install matplotlib`"
+        ) from error
+    return plt
+
+
+def _as_array(x: Any, name: str) -> np.ndarray:
+    """``x`` as a float64 numpy array (tensors are detached and moved to the CPU)."""
+    if isinstance(x, Tensor):
+        x = x.detach().to("cpu", torch.float64).numpy()
+    try:
+        return np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{name} must be a tensor or an array of numbers: {error}") from None
+
+
+def _as_points(x: Any, name: str, dim: int | None = None) -> np.ndarray:
+    """``x`` as an ``(N, D)`` float64 array, checking its shape (and ``D == dim`` if given)."""
+    array = _as_array(x, name)
+    if array.ndim != 2:
+        raise ValueError(f"{name} must have shape (N, D), got shape {array.shape}")
+    if dim is not None and array.shape[1] != dim:
+        raise ValueError(f"{name} must have shape (N, {dim}), got shape {array.shape}")
+    if array.shape[0] == 0:
+        raise ValueError(f"{name} is empty (shape {array.shape})")
+    return array
+
+
+def _subsample(x: np.ndarray, max_points: int | None, rng: np.random.Generator) -> np.ndarray:
+    if max_points is None or len(x) <= max_points:
+        return x
+    return x[rng.choice(len(x), size=max_points, replace=False)]
+
+
+def _check_max_points(max_points: int | None) -> None:
+    if max_points is not None and (
+        isinstance(max_points, bool) or not isinstance(max_points, int) or max_points < 1
+    ):
+        raise ValueError(f"max_points must be a positive integer or None, got {max_points!r}")
+
+
+def _check_bounds(bounds: Any) -> tuple[tuple[float, float], tuple[float, float]]:
+    try:
+        array = np.asarray(bounds, dtype=np.float64)
+    except (TypeError, ValueError):
+        array = np.empty(0)
+    if (
+        array.shape != (2, 2)
+        or not np.isfinite(array).all()
+        or not (array[:, 0] < array[:, 1]).all()
+    ):
+        raise ValueError(
+            "bounds must be ((xmin, xmax), (ymin, ymax)) with finite xmin < xmax and "
+            f"ymin < ymax, got {bounds!r}"
+        )
+    (x0, x1), (y0, y1) = array.tolist()
+    return (x0, x1), (y0, y1)
+
+
+def _limits(*arrays: np.ndarray, pad: float = 0.05) -> tuple[float, float]:
+    """A padded range covering the finite values of ``arrays``."""
+    values = np.concatenate([a.ravel() for a in arrays])
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return -1.0, 1.0
+    lo, hi = float(values.min()), float(values.max())
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5, hi + 0.5
+    margin = pad * (hi - lo)
+    return lo - margin, hi + margin
+
+
+def plot_samples_2d(
+    data: Any,
+    samples: Any,
+    *,
+    ax: Axes | Sequence[Axes] | None = None,
+    overlay: bool = False,
+    max_points: int | None = 5000,
+    bounds: Any = None,
+    s: float = 2.0,
+    alpha: float = 0.5,
+    labels: tuple[str, str] = ("data", "flow samples"),
+    seed: int = 0,
+) -> Figure:
+    """Scatter plots of 2-D data and flow samples, side by side or overlaid.
+
+    Args:
+        data: points of shape ``(N, 2)``.
+        samples: flow samples of shape ``(M, 2)``.
+        ax: where to draw: ``None`` for a new figure, one `Axes` to overlay both sets on
+            it, or a pair of axes for the side-by-side panels.
+        overlay: draw both sets on one axes (implied when ``ax`` is a single `Axes`).
+        max_points: at most this many points of each set are drawn, a random subset chosen
+            with ``seed`` (``None`` draws all).
+        bounds: ``((xmin, xmax), (ymin, ymax))`` limits of the axes; by default a range
+            covering both sets, the same on both panels.
+        s: marker size.
+        alpha: marker opacity.
+        labels: titles (side by side) or legend entries (overlaid) of the two sets.
+        seed: seed of the subsampling.
+
+    Returns:
+        The figure holding the plot.
+
+    Raises:
+        ValueError: if ``data`` or ``samples`` does not have shape ``(N, 2)``, or ``ax``
+            is not one axes or a pair of them.
+
+    Example:
+        >>> import matplotlib
+        >>> matplotlib.use("Agg")
+        >>> import matplotlib.pyplot as plt
+        >>> import torch
+        >>> from pyroflows.plot import plot_samples_2d
+        >>> fig = plot_samples_2d(torch.randn(100, 2), torch.randn(200, 2))
+        >>> [len(a.collections[0].get_offsets()) for a in fig.axes]
+        [100, 200]
+        >>> plt.close(fig)
+    """
+    x = _as_points(data, "data", 2)
+    y = _as_points(samples, "samples", 2)
+    _check_max_points(max_points)
+    rng = np.random.default_rng(seed)
+    x, y = _subsample(x, max_points, rng), _subsample(y, max_points, rng)
+    if bounds is None:
+        xlim, ylim = _limits(x[:, 0], y[:, 0]), _limits(x[:, 1], y[:, 1])
+    else:
+        xlim, ylim = _check_bounds(bounds)
+
+    if ax is None:
+        plt = _pyplot()
+        if overlay:
+            fig, single = plt.subplots(figsize=(4.5, 4.5), layout="constrained")
+            axes = [single]
+        else:
+            fig, pair = plt.subplots(1, 2, figsize=(9, 4.5), layout="constrained")
+            axes = list(pair)
+    elif hasattr(ax, "scatter"):
+        axes, overlay = [ax], True
+    else:
+        axes = list(np.ravel(np.asarray(ax, dtype=object)))
+        if len(axes) != 2 or not all(hasattr(a, "scatter") for a in axes):
+            raise ValueError("ax must be None, one matplotlib Axes or a pair of Axes")
+        if overlay:
+            raise ValueError("overlay=True needs a single Axes, got a pair")
+    fig = axes[0].figure
+
+    style = {"s": s, "alpha": alpha, "linewidths": 0, "rasterized": True}
+    if overlay:
+        axes[0].scatter(x[:, 0], x[:, 1], color=_DATA_COLOR, label=labels[0], **style)
+        axes[0].scatter(y[:, 0], y[:, 1], color=_SAMPLE_COLOR, label=labels[1], **style)
+        axes[0].legend(loc="upper right", markerscale=(25 / max(s, 1e-3)) ** 0.5)
+    else:
+        for a, points, color, title in zip(
+            axes, (x, y), (_DATA_COLOR, _SAMPLE_COLOR), labels, strict=True
+        ):
+            a.scatter(points[:, 0], points[:, 1], color=color, **style)
+            a.set_title(title)
+    for a in axes:
+        a.set_xlim(xlim)
+        a.set_ylim(ylim)
+        a.set_aspect("equal", adjustable="box")
+    return fig
+
+
+def _distribution(flow_or_dist: Any, context: Any) -> Any:
+    """The distribution to plot: ``flow.condition(context)`` or the distribution itself."""
+    if hasattr(flow_or_dist, "log_prob"):
+        if context is not None:
+            raise ValueError(
+                "context is only used with a flow (an object with .condition); this object "
+                "is already a distribution"
+            )
+        return flow_or_dist
+    if hasattr(flow_or_dist, "condition"):
+        return flow_or_dist.condition(context)
+    raise TypeError(
+        "plot_density_2d needs a Flow (with .condition) or a distribution (with .log_prob), "
+        f"got {type(flow_or_dist).__name__}"
+    )
+
+
+def _reference_tensor(flow_or_dist: Any, context: Tensor | None) -> Tensor | None:
+    """A tensor whose dtype and device the evaluation grid should follow."""
+    if isinstance(context, Tensor) and torch.is_floating_point(context):
+        return context
+    if isinstance(flow_or_dist, torch.nn.Module):
+        for t in itertools.chain(flow_or_dist.parameters(), flow_or_dist.buffers()):
+            if torch.is_floating_point(t):
+                return t
+    # A distribution: look through its attributes and those of its base distributions.
+    d, seen = flow_or_dist, 0
+    while d is not None and seen < 10:
+        for value in vars(d).values():
+            if isinstance(value, Tensor) and torch.is_floating_point(value):
+                return value
+        d, seen = getattr(d, "base_dist", None), seen + 1
+    return None
+
+
+def plot_density_2d(
+    flow_or_dist: Any,
+    *,
+    bounds: Any = ((-4.0, 4.0), (-4.0, 4.0)),
+    resolution: int = 200,
+    context: Tensor | None = None,
+    ax: Axes | None = None,
+    log_density: bool = False,
+    contours: int = 0,
+    colorbar: bool = False,
+    cmap: str = "viridis",
+    chunk_size: int = 16384,
+) -> Axes:
+    """Heat map of a 2-D flow's density ``exp(log_prob(x))`` on a grid.
+
+    The density is evaluated at the centres of a ``resolution x resolution`` grid of pixels
+    covering ``bounds``, under `torch.no_grad` and in chunks of ``chunk_size`` points. A
+    `torch.nn.Module` (a `Flow`) is put in eval mode for the evaluation and restored
+    afterwards. The grid follows the dtype and device of ``context``, else of the flow's
+    parameters, else of the distribution's tensors.
+
+    Args:
+        flow_or_dist: a `Flow` (anything with ``condition(context)``, called with
+            ``context``) or a distribution with ``log_prob`` and event shape ``(2,)``.
+        bounds: ``((xmin, xmax), (ymin, ymax))`` of the grid.
+        resolution: pixels along each axis.
+        context: context of a conditional flow, shape ``(context_dim,)`` (one context).
+        ax: axes to draw on (a new figure when ``None``).
+        log_density: plot ``log_prob`` instead of the density (values more than 20 nats
+            below the maximum are clipped).
+        contours: number of contour lines drawn over the heat map (0 for none).
+        colorbar: add a colour bar.
+        cmap: matplotlib colour map.
+        chunk_size: grid points per ``log_prob`` call.
+
+    Returns:
+        The axes; the density is ``ax.images[-1].get_array()``, of shape
+        ``(resolution, resolution)`` with rows along y (``origin="lower"``).
+
+    Raises:
+        ValueError: if ``bounds`` or ``resolution`` are invalid, the distribution's events
+            are not 2-D, or ``log_prob`` does not return one value per grid point (for
+            example when ``context`` holds a batch of contexts).
+
+    Example:
+        >>> import matplotlib
+        >>> matplotlib.use("Agg")
+        >>> import matplotlib.pyplot as plt
+        >>> from pyroflows import flows
+        >>> from pyroflows.plot import plot_density_2d
+        >>> ax = plot_density_2d(flows.nsf(2), resolution=64)
+        >>> ax.images[0].get_array().shape
+        (64, 64)
+        >>> plt.close(ax.figure)
+    """
+    (x0, x1), (y0, y1) = _check_bounds(bounds)
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 2:
+        raise ValueError(f"resolution must be an integer >= 2, got {resolution!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if isinstance(contours, bool) or not isinstance(contours, int) or contours < 0:
+        raise ValueError(f"contours must be a non-negative integer, got {contours!r}")
+
+    reference = _reference_tensor(flow_or_dist, context)
+    dtype = reference.dtype if reference is not None else torch.get_default_dtype()
+    device = reference.device if reference is not None else torch.device("cpu")
+
+    module = flow_or_dist if isinstance(flow_or_dist, torch.nn.Module) else None
+    was_training = module.training if module is not None else False
+    try:
+        if module is not None:
+            module.eval()
+        with torch.no_grad():
+            d = _distribution(flow_or_dist, context)
+            event_shape = tuple(getattr(d, "event_shape", (2,)))
+            if event_shape != (2,):
+                raise ValueError(
+                    f"plot_density_2d needs a distribution over 2-D points, got event shape "
+                    f"{event_shape}"
+                )
+            # Pixel centres, row-major with x varying fastest: row i is y_i.
+            xs = torch.linspace(x0, x1, resolution + 1, dtype=torch.float64)
+            ys = torch.linspace(y0, y1, resolution + 1, dtype=torch.float64)
+            xs, ys = (xs[1:] + xs[:-1]) / 2, (ys[1:] + ys[:-1]) / 2
+            grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+            grid = torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=-1)
+            grid = grid.to(device=device, dtype=dtype)
+            chunks = []
+            for chunk in grid.split(chunk_size):
+                log_prob = d.log_prob(chunk)
+                if log_prob.numel() != len(chunk):
+                    raise ValueError(
+                        f"log_prob returned shape {tuple(log_prob.shape)} for {len(chunk)} grid "
+                        "points; plot_density_2d needs one value per point (pass a single "
+                        "context of shape (context_dim,))"
+                    )
+                chunks.append(log_prob.reshape(-1).to("cpu", torch.float64))
+    finally:
+        if module is not None:
+            module.train(was_training)
+
+    log_prob = torch.cat(chunks).reshape(resolution, resolution).numpy()
+    if log_density:
+        finite = log_prob[np.isfinite(log_prob)]
+        top = float(finite.max()) if finite.size else 0.0
+        image = np.clip(np.nan_to_num(log_prob, nan=-np.inf), top - 20.0, top)
+    else:
+        image = np.exp(log_prob)
+
+    if ax is None:
+        _, ax = _pyplot().subplots(figsize=(5, 4.5), layout="constrained")
+    mappable = ax.imshow(
+        image,
+        origin="lower",
+        extent=(x0, x1, y0, y1),
+        aspect="equal",
+        cmap=cmap,
+        interpolation="nearest",
+    )
+    if contours:
+        ax.contour(xs.numpy(), ys.numpy(), image, levels=contours, colors="white", linewidths=0.6)
+    if colorbar:
+        ax.figure.colorbar(mappable, ax=ax, label="log density" if log_density else "density")
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y0, y1)
+    return ax
+
+
+def plot_corner(
+    data: Any,
+    samples: Any,
+    *,
+    labels: Sequence[str] | None = None,
+    max_points: int | None = 2000,
+    bins: int = 40,
+    fig: Figure | None = None,
+    s: float = 1.0,
+    alpha: float = 0.4,
+    names: tuple[str, str] = ("data", "flow samples"),
+    seed: int = 0,
+) -> Figure:
+    """Corner plot of flow samples against data, for any dimension ``D >= 2``.
+
+    The ``D x D`` grid of panels shows, on the diagonal, histograms of each coordinate of
+    both sets (normalised as densities, on shared bins) and, below it, scatter plots of
+    every pair of coordinates with both sets overlaid. Panels above the diagonal are hidden.
+    Axis ranges cover both sets, from their 0.1% to 99.9% quantiles.
+
+    Args:
+        data: points of shape ``(N, D)``.
+        samples: flow samples of shape ``(M, D)``.
+        labels: names of the ``D`` coordinates (default ``x_0, ..., x_{D-1}``).
+        max_points: at most this many points of each set are scattered, a random subset
+            chosen with ``seed`` (``None`` scatters all); histograms use every point.
+        bins: number of histogram bins.
+        fig: an empty figure to draw in (a new one, sized for ``D``, when ``None``).
+        s: marker size.
+        alpha: marker opacity.
+        names: legend entries of the two sets.
+        seed: seed of the subsampling.
+
+    Returns:
+        The figure; ``fig.axes`` holds the ``D * D`` panels in row-major order.
+
+    Raises:
+        ValueError: if ``data`` and ``samples`` are not ``(N, D)`` arrays with the same
+            ``D >= 2``, ``labels`` does not have ``D`` entries, or ``fig`` already has axes.
+
+    Example:
+        >>> import matplotlib
+        >>> matplotlib.use("Agg")
+        >>> import matplotlib.pyplot as plt
+        >>> import torch
+        >>> from pyroflows.plot import plot_corner
+        >>> fig = plot_corner(torch.randn(300, 3), torch.randn(300, 3))
+        >>> len(fig.axes)
+        9
+        >>> plt.close(fig)
+    """
+    x = _as_points(data, "data")
+    y = _as_points(samples, "samples")
+    dim = x.shape[1]
+    if dim < 2:
+        raise ValueError(f"plot_corner needs D >= 2 coordinates, got data of shape {x.shape}")
+    if y.shape[1] != dim:
+        raise ValueError(
+            f"data and samples must have the same number of coordinates, got shapes "
+            f"{x.shape} and {y.shape}"
+        )
+    if labels is None:
+        labels = [f"$x_{{{i}}}$" for i in range(dim)]
+    elif isinstance(labels, str) or len(labels) != dim:
+        raise ValueError(f"labels must be a sequence of {dim} strings, got {labels!r}")
+    _check_max_points(max_points)
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+        raise ValueError(f"bins must be a positive integer, got {bins!r}")
+
+    # Robust per-coordinate ranges over both sets.
+    both = np.concatenate([x, y])
+    ranges = []
+    for j in range(dim):
+        column = both[:, j][np.isfinite(both[:, j])]
+        if column.size == 0:
+            ranges.append((-1.0, 1.0))
+            continue
+        lo, hi = np.quantile(column, [0.001, 0.999])
+        ranges.append(_limits(np.array([lo, hi])))
+
+    panel = 2.0 if dim <= 5 else max(1.2, 10.0 / dim)
+    if fig is None:
+        fig = _pyplot().figure(figsize=(panel * dim, panel * dim))
+    elif fig.axes:
+        raise ValueError("fig must be an empty figure (it already has axes)")
+    axes = fig.subplots(dim, dim, squeeze=False)
+
+    rng = np.random.default_rng(seed)
+    xs, ys = _subsample(x, max_points, rng), _subsample(y, max_points, rng)
+    style = {"s": s, "alpha": alpha, "linewidths": 0, "rasterized": True}
+    for i, j in itertools.product(range(dim), range(dim)):
+        a = axes[i, j]
+        if j > i:
+            a.set_visible(False)
+            continue
+        if i == j:
+            edges = np.linspace(*ranges[j], bins + 1)
+            for points, color in ((x, _DATA_COLOR), (y, _SAMPLE_COLOR)):
+                a.hist(points[:, j], bins=edges, density=True, histtype="step", color=color)
+        else:
+            a.scatter(xs[:, j], xs[:, i], color=_DATA_COLOR, **style)
+            a.scatter(ys[:, j], ys[:, i], color=_SAMPLE_COLOR, **style)
+            a.set_ylim(ranges[i])
+        a.set_xlim(ranges[j])
+        if i == dim - 1:
+            a.set_xlabel(labels[j])
+        else:
+            a.tick_params(labelbottom=False)
+        if j == 0 and i > 0:
+            a.set_ylabel(labels[i])
+        elif j > 0:
+            a.tick_params(labelleft=False)
+
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    ticks = 3 if dim > 4 else 4
+    for i, j in itertools.product(range(dim), range(dim)):
+        a = axes[i, j]
+        a.xaxis.set_major_locator(MaxNLocator(ticks))
+        if i == j:
+            a.set_yticks([])
+        else:
+            a.yaxis.set_major_locator(MaxNLocator(ticks))
+        if dim > 5:
+            a.tick_params(labelsize="x-small")
+    handles = [
+        Line2D([], [], color=c, label=n)
+        for c, n in zip((_DATA_COLOR, _SAMPLE_COLOR), names, strict=True)
+    ]
+    fig.legend(handles=handles, loc="upper right", frameon=False)
+    # Margins of fixed size in inches: room for the outer tick labels and axis labels.
+    width, height = fig.get_size_inches()
+    fig.subplots_adjust(
+        left=min(0.8 / width, 0.3),
+        right=1 - min(0.15 / width, 0.1),
+        bottom=min(0.7 / height, 0.3),
+        top=1 - min(0.15 / height, 0.1),
+        wspace=0.08,
+        hspace=0.08,
+    )
+    return fig
+
+
+def _history_field(history: Any, key: str) -> Any:
+    if isinstance(history, Mapping):
+        return history.get(key)
+    return getattr(history, key, None)
+
+
+def _losses(values: Any, name: str) -> np.ndarray:
+    if values is None:
+        return np.empty(0)
+    try:
+        return np.array([float(v) for v in values], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"history.{name} must be a sequence of numbers") from None
+
+
+def plot_training_curves(history: Any, *, ax: Axes | None = None, log_scale: bool = False) -> Axes:
+    """Training and validation loss per epoch, with the best epoch marked.
+
+    Epochs are numbered from 0, as indices into the loss lists: the loss of epoch ``k`` is
+    ``train_loss[k]``, and ``best_epoch`` is such an index.
+
+    Args:
+        history: an object with attributes ``train_loss`` (list of floats), ``val_loss``
+            (list of floats, may be empty) and ``best_epoch`` (index of the best epoch, or
+            ``None``), or a mapping with those keys. Only ``train_loss`` is required.
+        ax: axes to draw on (a new figure when ``None``).
+        log_scale: logarithmic loss axis (only sensible for positive losses).
+
+    Returns:
+        The axes. The lines are, in order: training loss, validation loss (if any), and the
+        vertical line at the best epoch (if any).
+
+    Raises:
+        ValueError: if ``train_loss`` is missing or empty, or ``best_epoch`` is not an index
+            into the validation (else training) losses.
+
+    Example:
+        >>> import matplotlib
+        >>> matplotlib.use("Agg")
+        >>> import matplotlib.pyplot as plt
+        >>> from pyroflows.plot import plot_training_curves
+        >>> history = {"train_loss": [3.0, 2.0, 1.5], "val_loss": [3.1, 2.2, 2.4],
+        ...            "best_epoch": 1}
+        >>> ax = plot_training_curves(history)
+        >>> [line.get_label() for line in ax.get_lines()]
+        ['train', 'validation', 'best epoch (1)']
+        >>> plt.close(ax.figure)
+    """
+    train = _losses(_history_field(history, "train_loss"), "train_loss")
+    if train.size == 0:
+        raise ValueError("history must have a non-empty train_loss")
+    val = _losses(_history_field(history, "val_loss"), "val_loss")
+    best = _history_field(history, "best_epoch")
+    reference = val if val.size else train
+    if best is not None:
+        if isinstance(best, bool) or not isinstance(best, int | np.integer):
+            raise ValueError(f"history.best_epoch must be an integer or None, got {best!r}")
+        if not 0 <= best < len(reference):
+            raise ValueError(
+                f"history.best_epoch={best} is not an epoch index (0 to {len(reference) - 1})"
+            )
+        best = int(best)
+
+    if ax is None:
+        _, ax = _pyplot().subplots(figsize=(6, 4), layout="constrained")
+    ax.plot(np.arange(len(train)), train, color=_DATA_COLOR, label="train")
+    if val.size:
+        ax.plot(np.arange(len(val)), val, color=_SAMPLE_COLOR, label="validation")
+    if best is not None:
+        ax.axvline(best, color="0.4", linestyle="--", linewidth=1, label=f"best epoch ({best})")
+        ax.scatter([best], [reference[best]], color="k", zorder=3, s=20)
+    if log_scale:
+        ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend()
+    return ax

@@ -1,0 +1,529 @@
+"""Maximum-likelihood training of flows: `fit`.
+
+`fit` is a complete minibatch training loop: validation split, early stopping that keeps
+the best weights, gradient clipping, a learning-rate schedule, standardisation fitted to the
+training split and stored inside the flow, recovery from non-finite losses, and
+data-parallel training when launched with ``torchrun``.
+
+Example:
+    >>> import torch
+    >>> from pyroflows import fit, flows
+    >>> data = torch.randn(500, 2) * torch.tensor([1.0, 5.0]) + 3.0
+    >>> flow = flows.maf(2, num_layers=2, hidden_dims=(16,))
+    >>> history = fit(flow, data, epochs=5, progress=False)
+    >>> len(history.train_loss), history.num_train, history.num_val
+    (5, 450, 50)
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+from torch import Tensor, nn
+
+from .distribution import Flow
+from .transforms.preprocessing import Standardize, SupportMap
+
+__all__ = ["fit", "FitHistory", "as_data_tensor", "is_main_process", "find_bad_rows"]
+
+Bounds = (
+    Mapping[Any, tuple[float | None, float | None]] | Sequence[tuple[float | None, float | None]]
+)
+
+
+@dataclass
+class FitHistory:
+    """What happened during `fit`.
+
+    Losses are mean negative log-likelihoods per row, in nats, on the user's scale
+    (log-determinant of any standardisation included).
+
+    Attributes:
+        train_loss: training loss of each epoch (mean over its accepted steps).
+        val_loss: validation loss after each epoch (empty without a validation set).
+        learning_rate: learning rate at the end of each epoch.
+        best_epoch: epoch (0-based) whose weights the flow holds at the end.
+        best_val_loss: validation loss of that epoch (``nan`` without a validation set).
+        epochs_run: number of epochs run.
+        stopped_early: whether early stopping ended training.
+        wall_time: seconds spent in `fit`.
+        rejected_steps: one entry per step whose loss or gradient was not finite:
+            the step was skipped, the best weights restored and the learning rate halved.
+        num_train: rows used for training (over all processes).
+        num_val: rows used for validation.
+        standardized: ``"fitted"``, ``"kept"`` (the flow already had data transforms) or
+            ``"off"``.
+        world_size: number of data-parallel processes.
+    """
+
+    train_loss: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    learning_rate: list[float] = field(default_factory=list)
+    best_epoch: int = -1
+    best_val_loss: float = math.nan
+    epochs_run: int = 0
+    stopped_early: bool = False
+    wall_time: float = 0.0
+    rejected_steps: list[dict[str, Any]] = field(default_factory=list)
+    num_train: int = 0
+    num_val: int = 0
+    standardized: str = "off"
+    world_size: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable copy."""
+        return asdict(self)
+
+
+def as_data_tensor(data: Any, name: str = "data", dtype: torch.dtype = torch.float32) -> Tensor:
+    """Convert a tensor, NumPy array or pandas DataFrame/Series to a 2-D float tensor.
+
+    A 1-D input becomes one column. Raises a `ValueError` naming ``name`` for
+    non-numeric or empty input.
+    """
+    if hasattr(data, "to_numpy"):  # pandas DataFrame / Series
+        try:
+            data = data.to_numpy(dtype=np.float64, copy=True)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{name} has non-numeric columns: {error}") from None
+    if isinstance(data, Tensor):
+        tensor = data.detach()
+        if not (tensor.is_floating_point() or tensor.dtype in (torch.int32, torch.int64)):
+            raise ValueError(f"{name} must be numeric, got dtype {tensor.dtype}")
+    else:
+        try:
+            array = np.array(data, dtype=np.float64)  # a writable copy
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{name} must be numeric: {error}") from None
+        tensor = torch.from_numpy(array)
+    if tensor.dim() == 1:
+        tensor = tensor[:, None]
+    if tensor.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (rows, columns), got shape {tuple(tensor.shape)}")
+    if tensor.shape[0] == 0:
+        raise ValueError(f"{name} is empty")
+    return tensor.to(dtype)
+
+
+def find_bad_rows(data: Tensor) -> Tensor:
+    """Indices of the rows of ``data`` holding NaN or Inf."""
+    return (~torch.isfinite(data)).any(dim=1).nonzero().flatten()
+
+
+def _check_finite(data: Tensor, name: str) -> None:
+    bad = find_bad_rows(data)
+    if len(bad):
+        rows = ", ".join(str(int(i)) for i in bad[:10]) + (" ..." if len(bad) > 10 else "")
+        raise ValueError(f"{name} has {len(bad)} row(s) with NaN or Inf (0-based rows {rows})")
+
+
+def _support_map(
+    bounds: Bounds | None, dim: int, columns: Sequence[str] | None
+) -> SupportMap | None:
+    if bounds is None:
+        return None
+    lower, upper = [-math.inf] * dim, [math.inf] * dim
+    items = bounds.items() if isinstance(bounds, Mapping) else enumerate(bounds)
+    if not isinstance(bounds, Mapping) and len(bounds) != dim:
+        raise ValueError(
+            f"bounds must have one (low, high) pair per column ({dim}), got {len(bounds)}"
+        )
+    for key, pair in items:
+        if isinstance(key, str):
+            if columns is None or key not in columns:
+                raise ValueError(f"bounds name column {key!r}, which is not among {columns}")
+            key = list(columns).index(key)
+        if not (isinstance(key, int) and 0 <= key < dim):
+            raise ValueError(f"bounds column {key!r} is out of range for {dim} columns")
+        low, high = pair
+        lower[key] = -math.inf if low is None else float(low)
+        upper[key] = math.inf if high is None else float(high)
+    return SupportMap(lower, upper)
+
+
+def _fit_transforms(
+    train: Tensor, bounds: Bounds | None, columns: Sequence[str] | None, name: str
+) -> list[nn.Module]:
+    """`Standardize` (and `SupportMap`) fitted to ``train``, in base-to-data order."""
+    support = _support_map(bounds, train.shape[1], columns)
+    if support is not None:
+        unconstrained, ladj = support.inv_and_ladj(train.to(support.lower.dtype))
+        outside = (~torch.isfinite(ladj)).nonzero().flatten()
+        if len(outside):
+            rows = ", ".join(str(int(i)) for i in outside[:10])
+            raise ValueError(f"{name} has rows outside the declared bounds (rows {rows})")
+        train = unconstrained
+    return [Standardize.from_data(train)] + ([support] if support is not None else [])
+
+
+def _columns(data: Any) -> list[str] | None:
+    columns = getattr(data, "columns", None)
+    return None if columns is None else [str(c) for c in columns]
+
+
+def is_main_process() -> bool:
+    """``True`` unless this is a non-zero rank of an initialised process group."""
+    return not (torch_dist.is_available() and torch_dist.is_initialized()) or (
+        torch_dist.get_rank() == 0
+    )
+
+
+def _setup_distributed(device: torch.device | None) -> tuple[int, int, torch.device | None]:
+    """Join the ``torchrun`` process group if launched by it; return (rank, world, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if not torch_dist.is_available() or (world <= 1 and not torch_dist.is_initialized()):
+        return 0, 1, device
+    if not torch_dist.is_initialized():
+        use_cuda = (device is None or device.type == "cuda") and torch.cuda.is_available()
+        torch_dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank, world = torch_dist.get_rank(), torch_dist.get_world_size()
+    if device is None and torch_dist.get_backend() == "nccl":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+    return rank, world, device
+
+
+class _NegativeLogLikelihood(nn.Module):
+    """The loss as a module, so `DistributedDataParallel` can wrap it."""
+
+    def __init__(self, flow: Flow):
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, x: Tensor, context: Tensor | None) -> Tensor:
+        return -self.flow.condition(context).log_prob(x).mean()
+
+
+def _lr_factor(schedule: str, step: int, total: int) -> float:
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
+    return 1.0
+
+
+def fit(
+    flow: Flow,
+    data: Any,
+    *,
+    context: Any = None,
+    validation: float = 0.1,
+    validation_data: Any = None,
+    validation_context: Any = None,
+    epochs: int = 100,
+    batch_size: int = 512,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    clip_grad_norm: float | None = 5.0,
+    schedule: str = "cosine",
+    patience: int | None = 20,
+    standardize: bool = True,
+    bounds: Bounds | None = None,
+    context_bounds: Bounds | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> FitHistory:
+    """Fit ``flow`` to ``data`` (and ``context``) by minibatch maximum likelihood.
+
+    The flow is trained in place and ends holding the weights of its best validation epoch.
+
+    Args:
+        flow: the flow to train (e.g. from `pyroflows.flows`).
+        data: rows to model, shape ``(N, D)``: tensor, NumPy array or pandas DataFrame.
+        context: conditioning rows, shape ``(N, C)``, for a conditional flow.
+        validation: fraction of rows held out for validation and early stopping (0 for none);
+            ignored when ``validation_data`` is given.
+        validation_data: an explicit validation set.
+        validation_context: its context.
+        epochs: maximum number of passes over the training rows.
+        batch_size: rows per step (per process when distributed).
+        lr: peak learning rate of Adam.
+        weight_decay: Adam weight decay.
+        clip_grad_norm: largest gradient norm (``None``: no clipping).
+        schedule: ``"cosine"`` (decay to 0 over ``epochs``), ``"plateau"`` (halve the rate
+            when validation stalls for ``patience // 2`` epochs) or ``"constant"``.
+        patience: epochs without validation improvement before stopping (``None``: never).
+        standardize: fit `Standardize` maps to the training split and store them in
+            ``flow.data_transforms`` / ``flow.context_transforms`` (only if those are empty),
+            so the model trains on standardised values but scores on the user's scale.
+        bounds: declared support of data columns, e.g. ``{"redshift": (0, None)}`` or one
+            ``(low, high)`` pair per column (``None`` for no bound); mapped to the real line
+            by a fixed `SupportMap`, so the density is zero outside.
+        context_bounds: the same for context columns.
+        seed: seed of the split and of the shuffling.
+        device: device to train on (default: where the flow is). Data larger than the GPU
+            stays on the host and moves batch by batch.
+        progress: show a progress bar (only on the main process).
+
+    Returns:
+        A `FitHistory`.
+
+    Raises:
+        ValueError: for mismatched shapes, non-numeric data, NaN/Inf rows (named by row),
+            rows outside declared bounds, or invalid settings.
+    """
+    start = time.perf_counter()
+    if not isinstance(flow, Flow):
+        raise TypeError(f"fit expects a pyroflows.Flow, got {type(flow).__name__}")
+    _check_settings(epochs, batch_size, lr, validation, schedule, patience)
+    device = torch.device(device) if device is not None else None
+    rank, world, device = _setup_distributed(device)
+    if device is not None:
+        flow.to(device)
+    reference = next(iter(flow.parameters()), None)
+    if reference is None:
+        raise ValueError("the flow has no parameters to fit")
+    device, dtype = reference.device, reference.dtype
+
+    x, c = _prepare(flow, data, context, "data", "context")
+    if validation_data is not None:
+        x_val, c_val = _prepare(
+            flow, validation_data, validation_context, "validation_data", "validation_context"
+        )
+        x_train, c_train = x, c
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(x), generator=generator)
+        n_val = int(round(validation * len(x))) if validation > 0 else 0
+        if validation > 0 and (n_val < 1 or n_val >= len(x)):
+            raise ValueError(
+                f"validation={validation} leaves no rows for training or validation ({len(x)} rows)"
+            )
+        val_idx, train_idx = order[:n_val], order[n_val:]
+        x_train, x_val = x[train_idx], x[val_idx]
+        c_train = None if c is None else c[train_idx]
+        c_val = None if c is None else c[val_idx]
+
+    history = FitHistory(num_train=len(x_train), num_val=len(x_val), world_size=world)
+    history.standardized = _standardize(
+        flow, standardize, x_train, c_train, bounds, context_bounds, data, context, device, dtype
+    )
+
+    x_train, c_train, x_val, c_val = (
+        _place(t, device, dtype) for t in (x_train, c_train, x_val, c_val)
+    )
+    loss_module: nn.Module = _NegativeLogLikelihood(flow)
+    if world > 1:
+        loss_module = nn.parallel.DistributedDataParallel(
+            loss_module, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    optimizer = torch.optim.Adam(flow.parameters(), lr=lr, weight_decay=weight_decay)
+    rows_per_rank = len(x_train) // world
+    if rows_per_rank < 1:
+        raise ValueError(f"{len(x_train)} training rows cannot be split over {world} processes")
+    steps_per_epoch = math.ceil(rows_per_rank / batch_size)
+    total_steps = epochs * steps_per_epoch
+    lr_scale, stall = 1.0, 0
+    best_state = copy.deepcopy(flow.state_dict())
+    best_loss = math.inf
+    shuffle = torch.Generator().manual_seed(seed + 1)
+
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=epochs, desc="fit", unit="epoch", leave=True)
+    step = 0
+    for epoch in range(epochs):
+        flow.train()
+        perm = torch.randperm(len(x_train), generator=shuffle)[: rows_per_rank * world]
+        mine = perm[rank::world]
+        total, count = 0.0, 0
+        for b in range(steps_per_epoch):
+            idx = mine[b * batch_size : (b + 1) * batch_size]
+            xb = x_train[idx.to(x_train.device)].to(device, non_blocking=True)
+            cb = (
+                None
+                if c_train is None
+                else c_train[idx.to(c_train.device)].to(device, non_blocking=True)
+            )
+            for group in optimizer.param_groups:
+                group["lr"] = lr * lr_scale * _lr_factor(schedule, step, total_steps)
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_module(xb, cb)
+            loss.backward()
+            grad_norm = (
+                nn.utils.clip_grad_norm_(flow.parameters(), clip_grad_norm)
+                if clip_grad_norm is not None
+                else _grad_norm(flow)
+            )
+            stats = torch.stack([loss.detach(), grad_norm.detach().to(loss.dtype)]).float()
+            if world > 1:  # agree on whether to step (gradients are already averaged)
+                bad = (~torch.isfinite(stats)).any().float().reshape(1)
+                torch_dist.all_reduce(bad, op=torch_dist.ReduceOp.MAX)
+                ok = bad.item() == 0
+            else:
+                ok = bool(torch.isfinite(stats).all())
+            if ok:
+                optimizer.step()
+                total += float(stats[0]) * len(idx)
+                count += len(idx)
+            else:
+                flow.load_state_dict(best_state)
+                optimizer.state.clear()
+                lr_scale *= 0.5
+                history.rejected_steps.append(
+                    {
+                        "epoch": epoch,
+                        "step": b,
+                        "loss": float(stats[0]),
+                        "grad_norm": float(stats[1]),
+                        "new_lr_scale": lr_scale,
+                    }
+                )
+                if len(history.rejected_steps) >= 20:
+                    break
+            step += 1
+        history.train_loss.append(_reduce_mean(total, count, world, device))
+        history.learning_rate.append(optimizer.param_groups[0]["lr"])
+        history.epochs_run = epoch + 1
+        improved = False
+        if len(x_val):
+            val = _evaluate(flow, x_val, c_val, batch_size, rank, world, device)
+            history.val_loss.append(val)
+            improved = val < best_loss
+            if improved:
+                best_loss = val
+        else:
+            improved = math.isfinite(history.train_loss[-1])
+        if improved:
+            best_state = copy.deepcopy(flow.state_dict())
+            history.best_epoch, stall = epoch, 0
+        else:
+            stall += 1
+            if schedule == "plateau" and patience and stall % max(patience // 2, 1) == 0:
+                lr_scale *= 0.5
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(
+                train=f"{history.train_loss[-1]:.4f}",
+                val=f"{history.val_loss[-1]:.4f}" if history.val_loss else "-",
+            )
+        if len(history.rejected_steps) >= 20:
+            warnings.warn(
+                "fit: 20 non-finite steps, stopping; the best weights are kept",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            break
+        if patience is not None and len(x_val) and stall >= patience:
+            history.stopped_early = True
+            break
+    if bar is not None:
+        bar.close()
+    flow.load_state_dict(best_state)
+    flow.eval()
+    history.best_val_loss = best_loss if len(x_val) else math.nan
+    history.wall_time = time.perf_counter() - start
+    return history
+
+
+def _check_settings(epochs, batch_size, lr, validation, schedule, patience) -> None:
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr!r}")
+    if not 0 <= validation < 1:
+        raise ValueError(f"validation must be a fraction in [0, 1), got {validation!r}")
+    if schedule not in ("cosine", "plateau", "constant"):
+        raise ValueError(f"schedule must be 'cosine', 'plateau' or 'constant', got {schedule!r}")
+    if patience is not None and (not isinstance(patience, int) or patience < 1):
+        raise ValueError(f"patience must be a positive integer or None, got {patience!r}")
+
+
+def _prepare(flow: Flow, data: Any, context: Any, name: str, context_name: str):
+    x = as_data_tensor(data, name, torch.float64)
+    if x.shape[1] != flow.input_dim:
+        raise ValueError(f"{name} has {x.shape[1]} columns, the flow models {flow.input_dim}")
+    _check_finite(x, name)
+    if flow.context_dim == 0:
+        if context is not None:
+            raise ValueError(f"{context_name} given, but the flow is unconditional")
+        return x, None
+    if context is None:
+        raise ValueError(
+            f"the flow is conditional: pass {context_name} with {flow.context_dim} columns"
+        )
+    c = as_data_tensor(context, context_name, torch.float64)
+    if c.shape[1] != flow.context_dim:
+        raise ValueError(
+            f"{context_name} has {c.shape[1]} columns, the flow expects {flow.context_dim}"
+        )
+    if len(c) != len(x):
+        raise ValueError(f"{context_name} has {len(c)} rows but {name} has {len(x)}")
+    _check_finite(c, context_name)
+    return x, c
+
+
+def _standardize(
+    flow, standardize, x_train, c_train, bounds, context_bounds, data, context, device, dtype
+) -> str:
+    if not standardize:
+        if bounds is not None or context_bounds is not None:
+            raise ValueError("bounds need standardize=True (they are stored with the scaling)")
+        return "off"
+    if len(flow.data_transforms) or len(flow.context_transforms):
+        return "kept"
+    flow.data_transforms.extend(
+        m.to(device=device, dtype=dtype)
+        for m in _fit_transforms(x_train, bounds, _columns(data), "data")
+    )
+    if c_train is not None:
+        flow.context_transforms.extend(
+            m.to(device=device, dtype=dtype)
+            for m in _fit_transforms(c_train, context_bounds, _columns(context), "context")
+        )
+    elif context_bounds is not None:
+        raise ValueError("context_bounds given, but the flow is unconditional")
+    return "fitted"
+
+
+def _place(t: Tensor | None, device: torch.device, dtype: torch.dtype) -> Tensor | None:
+    """Move ``t`` to ``device`` when it fits comfortably; else keep it (pinned) on the host."""
+    if t is None:
+        return None
+    t = t.to(dtype)
+    if device.type != "cuda":
+        return t.to(device)
+    free, _ = torch.cuda.mem_get_info(device)
+    if t.numel() * t.element_size() < 0.25 * free:
+        return t.to(device)
+    return t.pin_memory()
+
+
+def _grad_norm(flow: Flow) -> Tensor:
+    grads = [p.grad.detach().norm() for p in flow.parameters() if p.grad is not None]
+    return torch.stack(grads).norm() if grads else torch.zeros(())
+
+
+def _reduce_mean(total: float, count: int, world: int, device: torch.device) -> float:
+    if world > 1:
+        t = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
+        torch_dist.all_reduce(t)
+        total, count = float(t[0]), int(t[1])
+    return total / count if count else math.nan
+
+
+@torch.no_grad()
+def _evaluate(flow, x, c, batch_size, rank, world, device) -> float:
+    flow.eval()
+    idx = torch.arange(rank, len(x), world)
+    total, count = 0.0, 0
+    for start in range(0, len(idx), 4 * batch_size):
+        i = idx[start : start + 4 * batch_size]
+        xb = x[i.to(x.device)].to(device, non_blocking=True)
+        cb = None if c is None else c[i.to(c.device)].to(device, non_blocking=True)
+        total += float(-flow.condition(cb).log_prob(xb).sum())
+        count += len(i)
+    value = _reduce_mean(total, count, world, device)
+    return value if math.isfinite(value) else math.inf
