@@ -37,8 +37,8 @@ class Standardize(_Fixed):
         >>> data = torch.tensor([[1.0, 10.0], [3.0, 10.0]])
         >>> s = Standardize.from_data(data)
         >>> s.inv(data)  # the zero-variance column is centred, not divided by 0
-        tensor([[-0.7071,  0.0000],
-                [ 0.7071,  0.0000]])
+        tensor([[-1.,  0.],
+                [ 1.,  0.]])
     """
 
     def __init__(self, loc: Tensor | Sequence[float], scale: Tensor | Sequence[float]):
