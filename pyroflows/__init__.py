@@ -4,7 +4,7 @@ Layers map base to data (``x = f(z)``, Pyro's convention) and are Pyro
 ``TransformModule``s; `Flow` turns a stack of them into a distribution.
 """
 
-from . import conditioners, flows, splines, transformers
+from . import conditioners, datasets, flows, plot, splines, transformers
 from .distribution import DiagNormal, Flow, FlowDistribution
 from .io import load, save
 from .training import FitHistory, fit
@@ -45,6 +45,8 @@ __all__ = [
     "save",
     "load",
     "conditioners",
+    "datasets",
+    "plot",
     "flows",
     "splines",
     "transformers",

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -305,7 +306,7 @@ TOY_DATASETS: dict[str, Callable[..., Tensor]] = {
 """The toy datasets by name."""
 
 
-def load_toy(name: str, n: int = 10_000, seed: int = 0, **kwargs) -> Tensor:
+def load_toy(name: str, n: int = 10_000, seed: int = 0, **kwargs: Any) -> Tensor:
     """The toy dataset ``name``: ``TOY_DATASETS[name](n, seed=seed, **kwargs)``.
 
     Args:

@@ -37,7 +37,10 @@ class DiagNormal(nn.Module):
 
     def forward(self, batch_shape: Sequence[int] = ()) -> dist.TorchDistribution:
         """The distribution, with batch shape ``batch_shape`` and event shape ``(D,)``."""
-        return dist.Normal(self.loc, self.scale).to_event(1).expand(torch.Size(batch_shape))
+        # Base values are computed by the flow, never given by a user: the flow validates the
+        # user's values, so the base skips its own checks (and their host synchronisation).
+        normal = dist.Normal(self.loc, self.scale, validate_args=False)
+        return dist.Independent(normal, 1, validate_args=False).expand(torch.Size(batch_shape))
 
 
 class FlowDistribution(dist.TransformedDistribution):

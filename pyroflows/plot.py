@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -161,8 +162,8 @@ def plot_samples_2d(
         >>> import torch
         >>> from pyroflows.plot import plot_samples_2d
         >>> fig = plot_samples_2d(torch.randn(100, 2), torch.randn(200, 2))
-        >>> [len(a.collections[0].get_offsets()) for a in fig.axes]
-        [100, 200]
+        >>> tuple(len(a.collections[0].get_offsets()) for a in fig.axes)
+        (100, 200)
         >>> plt.close(fig)
     """
     x = _as_points(data, "data", 2)
@@ -239,7 +240,7 @@ def _reference_tensor(flow_or_dist: Any, context: Tensor | None) -> Tensor | Non
     # A distribution: look through its attributes and those of its base distributions.
     d, seen = flow_or_dist, 0
     while d is not None and seen < 10:
-        for value in vars(d).values():
+        for value in getattr(d, "__dict__", {}).values():
             if isinstance(value, Tensor) and torch.is_floating_point(value):
                 return value
         d, seen = getattr(d, "base_dist", None), seen + 1
@@ -319,7 +320,18 @@ def plot_density_2d(
         if module is not None:
             module.eval()
         with torch.no_grad():
+            if isinstance(context, Tensor) and context.dim() > 1 and context.shape[:-1].numel() > 1:
+                raise ValueError(
+                    f"plot_density_2d draws one density: pass a single context of shape "
+                    f"(context_dim,), got a batch of shape {tuple(context.shape)}"
+                )
             d = _distribution(flow_or_dist, context)
+            batch_shape = tuple(getattr(d, "batch_shape", ()))
+            if math.prod(batch_shape) > 1:
+                raise ValueError(
+                    f"plot_density_2d draws one density, got a distribution of batch shape "
+                    f"{batch_shape}"
+                )
             event_shape = tuple(getattr(d, "event_shape", (2,)))
             if event_shape != (2,):
                 raise ValueError(
@@ -541,8 +553,10 @@ def plot_training_curves(history: Any, *, ax: Axes | None = None, log_scale: boo
 
     Args:
         history: an object with attributes ``train_loss`` (list of floats), ``val_loss``
-            (list of floats, may be empty) and ``best_epoch`` (index of the best epoch, or
-            ``None``), or a mapping with those keys. Only ``train_loss`` is required.
+            (list of floats, may be empty) and ``best_epoch`` (index of the best epoch;
+            ``None`` or negative for none), or a mapping with those keys, such as the
+            `pyroflows.training.FitHistory` returned by `fit`. Only ``train_loss`` is
+            required.
         ax: axes to draw on (a new figure when ``None``).
         log_scale: logarithmic loss axis (only sensible for positive losses).
 
@@ -562,8 +576,8 @@ def plot_training_curves(history: Any, *, ax: Axes | None = None, log_scale: boo
         >>> history = {"train_loss": [3.0, 2.0, 1.5], "val_loss": [3.1, 2.2, 2.4],
         ...            "best_epoch": 1}
         >>> ax = plot_training_curves(history)
-        >>> [line.get_label() for line in ax.get_lines()]
-        ['train', 'validation', 'best epoch (1)']
+        >>> print(", ".join(line.get_label() for line in ax.get_lines()))
+        train, validation, best epoch (1)
         >>> plt.close(ax.figure)
     """
     train = _losses(_history_field(history, "train_loss"), "train_loss")
@@ -575,7 +589,9 @@ def plot_training_curves(history: Any, *, ax: Axes | None = None, log_scale: boo
     if best is not None:
         if isinstance(best, bool) or not isinstance(best, int | np.integer):
             raise ValueError(f"history.best_epoch must be an integer or None, got {best!r}")
-        if not 0 <= best < len(reference):
+        best = None if best < 0 else best
+    if best is not None:
+        if best >= len(reference):
             raise ValueError(
                 f"history.best_epoch={best} is not an epoch index (0 to {len(reference) - 1})"
             )

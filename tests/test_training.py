@@ -1,0 +1,248 @@
+"""`pyroflows.fit`: recovery of known densities, early stopping, bad input, recovery from NaN."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyro.distributions as dist
+import pytest
+import torch
+
+from pyroflows import Standardize, SupportMap, fit, flows
+
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+def gaussian_data(n=3000, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    cov = torch.tensor([[1.0, 0.6], [0.6, 1.0]])
+    chol = torch.linalg.cholesky(cov)
+    z = torch.randn(n, 2, generator=gen)
+    scale = torch.tensor([50.0, 0.01])
+    loc = torch.tensor([100.0, -3.0])
+    target = dist.MultivariateNormal(loc, scale_tril=scale[:, None] * chol)
+    return loc + (z @ chol.T) * scale, target
+
+
+def test_fit_recovers_a_gaussian_on_the_users_scale():
+    """Columns on wildly different scales: the standardisation is inside the model."""
+    data, target = gaussian_data()
+    test, _ = gaussian_data(seed=1)
+    flow = flows.maf(2, num_layers=2, hidden_dims=(16,))
+    history = fit(flow, data, epochs=40, batch_size=256, lr=3e-3, progress=False)
+    assert history.standardized == "fitted"
+    assert isinstance(flow.data_transforms[0], Standardize)
+    with torch.no_grad():
+        held_out = float(flow().log_prob(test).mean())
+        truth = float(target.log_prob(test).mean())
+    assert held_out == pytest.approx(truth, abs=0.05)
+    assert history.best_val_loss == pytest.approx(-held_out, abs=0.1)
+    assert len(history.train_loss) == len(history.val_loss) == history.epochs_run
+    assert history.train_loss[-1] < history.train_loss[0]
+
+
+def test_conditional_fit_recovers_the_conditional_density():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(4000, 1, generator=gen) * 4 - 2
+    y = 3 * x + 10 + 0.5 * torch.randn(4000, 1, generator=gen)
+    flow = flows.maf(1, 1, num_layers=2, hidden_dims=(32,))
+    history = fit(flow, y, context=x, epochs=40, batch_size=256, lr=1e-2, progress=False)
+    assert len(flow.context_transforms) == 1
+    contexts = torch.tensor([[-1.5], [0.0], [1.0]])
+    with torch.no_grad():
+        samples = flow.condition(contexts).sample((4000,))  # (n, 3, 1)
+        truth = dist.Normal(3 * contexts + 10, 0.5).log_prob(3 * contexts + 10)
+        at_mean = flow.condition(contexts).log_prob(3 * contexts + 10)
+    torch.testing.assert_close(samples.mean(0), 3 * contexts + 10, atol=0.06, rtol=0)
+    torch.testing.assert_close(samples.std(0), torch.full((3, 1), 0.5), atol=0.05, rtol=0)
+    torch.testing.assert_close(at_mean, truth.squeeze(-1), atol=0.1, rtol=0)
+    assert math.isfinite(history.best_val_loss)
+
+
+def test_early_stopping_restores_the_best_weights():
+    data, _ = gaussian_data(n=120)
+    flow = flows.nsf(2, num_layers=2, hidden_dims=(64, 64))  # overfits 108 rows
+    history = fit(
+        flow,
+        data,
+        epochs=300,
+        batch_size=32,
+        lr=1e-2,
+        patience=5,
+        schedule="constant",
+        validation=0.1,
+        progress=False,
+    )
+    assert history.stopped_early
+    assert history.epochs_run == history.best_epoch + 1 + 5
+    assert history.best_epoch == int(np.argmin(history.val_loss))
+    # The flow holds the best epoch's weights: recompute its validation loss.
+    order = torch.randperm(120, generator=torch.Generator().manual_seed(0))
+    val = data[order[:12]]
+    with torch.no_grad():
+        recomputed = float(-flow().log_prob(val).mean())
+    assert recomputed == pytest.approx(history.best_val_loss, rel=1e-5, abs=1e-5)
+
+
+def test_same_seed_same_history():
+    data, _ = gaussian_data(n=500)
+    histories = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        flow = flows.realnvp(2, num_layers=2, hidden_dims=(8,))
+        histories.append(fit(flow, data, epochs=3, seed=3, progress=False).train_loss)
+    assert histories[0] == histories[1]
+
+
+def test_accepts_tensor_numpy_and_dataframe():
+    data, _ = gaussian_data(n=300)
+    results = []
+    for value in (data, data.numpy(), pd.DataFrame(data.numpy(), columns=["a", "b"])):
+        torch.manual_seed(0)
+        flow = flows.maf(2, num_layers=1, hidden_dims=(8,))
+        results.append(fit(flow, value, epochs=2, progress=False).val_loss)
+    assert results[0] == pytest.approx(results[1])
+    assert results[0] == pytest.approx(results[2])
+
+
+def test_non_finite_loss_is_rejected_and_recovered():
+    data, _ = gaussian_data(n=600)
+    flow = flows.maf(2, num_layers=2, hidden_dims=(8,))
+    calls = {"n": 0}
+
+    def poison(module, inputs, output):  # the 5th training pass returns NaN parameters
+        calls["n"] += 1
+        if calls["n"] == 5:
+            return output * float("nan")
+        return output
+
+    handle = flow.layers[0].conditioner.register_forward_hook(poison)
+    history = fit(flow, data, epochs=3, batch_size=100, lr=1e-2, progress=False)
+    handle.remove()
+    assert len(history.rejected_steps) == 1
+    assert history.rejected_steps[0]["new_lr_scale"] == 0.5
+    assert all(torch.isfinite(p).all() for p in flow.parameters())
+    assert all(math.isfinite(v) for v in history.train_loss + history.val_loss)
+
+
+def test_bounded_column_has_zero_density_outside():
+    gen = torch.Generator().manual_seed(0)
+    data = torch.cat(
+        [
+            torch.rand(2000, 1, generator=gen).pow(2) * 3,  # in (0, 3)
+            torch.randn(2000, 1, generator=gen),
+        ],
+        1,
+    )
+    flow = flows.nsf(2, num_layers=2, hidden_dims=(16,))
+    fit(flow, data, epochs=5, bounds=[(0, 3), (None, None)], progress=False)
+    assert isinstance(flow.data_transforms[-1], SupportMap)
+    with torch.no_grad():
+        samples = flow().sample((5000,))
+        lp = flow().log_prob(torch.tensor([[-0.1, 0.0], [3.5, 0.0], [1.0, 0.0]]))
+    assert ((samples[:, 0] > 0) & (samples[:, 0] < 3)).all()
+    assert lp[0] == -math.inf and lp[1] == -math.inf and torch.isfinite(lp[2])
+
+
+def test_constant_column_does_not_break_training():
+    data = torch.cat([torch.randn(400, 1), torch.full((400, 1), 7.0)], 1)
+    flow = flows.realnvp(2, num_layers=2, hidden_dims=(8,))
+    history = fit(flow, data, epochs=2, progress=False)
+    assert torch.equal(flow.data_transforms[0].scale[1], torch.tensor(1.0))
+    assert all(math.isfinite(v) for v in history.train_loss)
+
+
+class TestBadInput:
+    def test_nan_rows_are_named(self):
+        data = torch.randn(50, 2)
+        data[7, 1] = float("nan")
+        data[30, 0] = float("inf")
+        with pytest.raises(ValueError, match=r"2 row\(s\) with NaN or Inf \(0-based rows 7, 30\)"):
+            fit(flows.maf(2), data, progress=False)
+
+    def test_wrong_number_of_columns(self):
+        with pytest.raises(ValueError, match="3 columns, the flow models 2"):
+            fit(flows.maf(2), torch.randn(50, 3), progress=False)
+
+    def test_context_problems(self):
+        with pytest.raises(ValueError, match="unconditional"):
+            fit(flows.maf(2), torch.randn(50, 2), context=torch.randn(50, 1), progress=False)
+        with pytest.raises(ValueError, match="conditional"):
+            fit(flows.maf(2, 1), torch.randn(50, 2), progress=False)
+        with pytest.raises(ValueError, match="context has 40 rows but data has 50"):
+            fit(flows.maf(2, 1), torch.randn(50, 2), context=torch.randn(40, 1), progress=False)
+
+    def test_non_numeric_and_empty(self):
+        frame = pd.DataFrame({"a": [1.0, 2.0], "b": ["x", "y"]})
+        with pytest.raises(ValueError, match="non-numeric"):
+            fit(flows.maf(2), frame, progress=False)
+        with pytest.raises(ValueError, match="empty"):
+            fit(flows.maf(2), np.zeros((0, 2)), progress=False)
+
+    def test_rows_outside_bounds(self):
+        data = torch.rand(50, 2)
+        data[4, 0] = -1.0
+        with pytest.raises(ValueError, match="outside the declared bounds"):
+            fit(flows.maf(2), data, bounds={0: (0, None)}, progress=False)
+
+    @pytest.mark.parametrize(
+        "kwargs",
+        [
+            {"epochs": 0},
+            {"batch_size": 0},
+            {"lr": -1.0},
+            {"validation": 1.0},
+            {"schedule": "linear"},
+            {"patience": 0},
+        ],
+    )
+    def test_bad_settings(self, kwargs):
+        with pytest.raises(ValueError):
+            fit(flows.maf(2), torch.randn(50, 2), progress=False, **kwargs)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_matches_single_process(tmp_path):
+    """`fit` under torchrun (2 CPU processes, gloo, loopback) trains as well as one process."""
+    out = tmp_path / "ddp.json"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        "--master_addr=127.0.0.1",
+        str(SCRIPTS / "ddp_fit.py"),
+        str(out),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ddp = json.loads(out.read_text())
+    assert ddp["world_size"] == 2 and ddp["ranks_that_wrote"] == [0]
+    # The same fit in this process.
+    single = json.loads(
+        subprocess.run(
+            [sys.executable, str(SCRIPTS / "ddp_fit.py"), str(tmp_path / "single.json")],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    assert single["world_size"] == 1
+    assert ddp["test_log_likelihood"] == pytest.approx(single["test_log_likelihood"], abs=0.1)
+    assert ddp["test_log_likelihood"] > ddp["truth"] - 0.1
