@@ -42,9 +42,21 @@ def _check_dims(hidden_dims: Sequence[int]) -> tuple[int, ...]:
     if isinstance(hidden_dims, int):
         hidden_dims = (hidden_dims,)
     hidden_dims = tuple(hidden_dims)
-    if any(not isinstance(h, int) or h < 1 for h in hidden_dims):
-        raise ValueError(f"hidden_dims must be positive integers, got {hidden_dims!r}")
+    if not hidden_dims or any(not isinstance(h, int) or h < 1 for h in hidden_dims):
+        raise ValueError(f"hidden_dims must be one or more positive integers, got {hidden_dims!r}")
     return hidden_dims
+
+
+class _Bias(nn.Module):
+    """The network of a conditioner with no inputs at all: a learnable constant."""
+
+    def __init__(self, out_features: int, zero_init: bool):
+        super().__init__()
+        init = torch.zeros(out_features) if zero_init else 0.1 * torch.randn(out_features)
+        self.bias = nn.Parameter(init)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bias.expand(x.shape[:-1] + self.bias.shape)
 
 
 class MLP(nn.Module):
@@ -72,6 +84,9 @@ class MLP(nn.Module):
         hidden_dims = _check_dims(hidden_dims)
         self.context_features = context_features
         sizes = (in_features + context_features, *hidden_dims, out_features)
+        if sizes[0] == 0:  # nothing to condition on (e.g. a 1-D coupling without context)
+            self.net = _Bias(out_features, zero_init)
+            return
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=False)):
             if i:
@@ -160,12 +175,19 @@ class MADE(nn.Module):
         in_deg = torch.empty(features, dtype=torch.long)
         in_deg[order] = torch.arange(1, features + 1)
         in_deg = torch.cat([in_deg, in_deg.new_zeros(context_features)])  # context: degree 0
-        span = max(features - 1, 1)
-        degs = [torch.arange(h) % span + min(1, features - 1) for h in hidden_dims]
+        if context_features:  # degree-0 units see only the context, so feature 1 can too
+            degs = [torch.arange(h) % features for h in hidden_dims]
+        else:
+            degs = [
+                torch.arange(h) % max(features - 1, 1) + min(1, features - 1) for h in hidden_dims
+            ]
 
         def mask(d_out: Tensor, d_in: Tensor, strict: bool = False) -> Tensor:
             return (d_out[:, None] > d_in[None, :]) if strict else (d_out[:, None] >= d_in[None, :])
 
+        if features == 1 and not context_features:  # nothing to condition on
+            self.net = _Bias(num_params, zero_init)
+            return
         layers: list[nn.Module] = [MaskedLinear(mask(degs[0], in_deg))]
         if residual:
             layers += [_MaskedResidualBlock(mask(d, d), activation) for d in degs]

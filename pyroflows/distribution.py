@@ -79,7 +79,7 @@ class FlowDistribution(dist.TransformedDistribution):
                     "pyro.distributions.TransformedDistribution for other transforms"
                 )
         super().__init__(base_dist, list(transforms), validate_args=validate_args)
-        self._last_draw: tuple[Tensor, Tensor, bool] | None = None
+        self._last_draw: tuple[Tensor, int, Tensor, bool] | None = None
 
     def expand(self, batch_shape: Sequence[int], _instance=None) -> FlowDistribution:
         new = self._get_checked_instance(FlowDistribution, _instance)
@@ -88,7 +88,15 @@ class FlowDistribution(dist.TransformedDistribution):
         return new
 
     def _check_value(self, value: Tensor) -> None:
+        if not isinstance(value, Tensor):
+            raise ValueError(f"values must be a torch.Tensor, got {type(value).__name__}")
         check_event(value, self.event_shape[0], "values")
+        expected = self.base_dist.mean.dtype
+        if value.dtype != expected:
+            raise ValueError(
+                f"values have dtype {value.dtype} but the flow computes in {expected}; "
+                f"convert the values (e.g. x.to({expected})) or the flow (e.g. flow.double())"
+            )
         try:
             torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
         except RuntimeError:
@@ -109,8 +117,13 @@ class FlowDistribution(dist.TransformedDistribution):
     def log_prob(self, value: Tensor) -> Tensor:
         """Log-density of ``value`` (shape ``sample + batch + (D,)``): one inverse pass."""
         last = self._last_draw
-        if last is not None and value is last[0] and (last[2] or not torch.is_grad_enabled()):
-            return last[1]
+        if (
+            last is not None
+            and value is last[0]
+            and value._version == last[1]  # not modified in place since it was drawn
+            and (last[3] or not torch.is_grad_enabled())
+        ):
+            return last[2]
         self._check_value(value)
         z, total = value, None
         for t in reversed(self.transforms):
@@ -126,7 +139,7 @@ class FlowDistribution(dist.TransformedDistribution):
         for t in self.transforms:
             x, ladj = t.call_and_ladj(x)
             log_prob = log_prob - ladj
-        self._last_draw = (x, log_prob, torch.is_grad_enabled())
+        self._last_draw = (x, x._version, log_prob, torch.is_grad_enabled())
         return x, log_prob
 
     def rsample(self, sample_shape: Sequence[int] = ()) -> Tensor:
@@ -209,6 +222,11 @@ class Flow(nn.Module):
         )
         if context_transforms and not context_dim:
             raise ValueError("context_transforms given to an unconditional flow")
+        if base is not None and not isinstance(base, nn.Module):
+            raise TypeError(
+                "base must be an nn.Module returning a distribution for a batch shape (e.g. "
+                f"pyroflows.DiagNormal), got {type(base).__name__}"
+            )
         self.base = DiagNormal(input_dim) if base is None else base
         self.config: dict | None = None
         self.metadata: dict = {}
@@ -221,8 +239,12 @@ class Flow(nn.Module):
         check_context(context, self.context_dim, "Flow")
         batch_shape = () if context is None else context.shape[:-1]
         if context is not None:
-            if not torch.is_floating_point(context):
-                raise ValueError(f"context must be a floating point tensor, got {context.dtype}")
+            expected = self.base.loc.dtype if isinstance(self.base, DiagNormal) else None
+            if not torch.is_floating_point(context) or (expected and context.dtype != expected):
+                raise ValueError(
+                    f"context has dtype {context.dtype}, expected a floating point tensor"
+                    + (f" of dtype {expected}" if expected else "")
+                )
             if (
                 Distribution._validate_args
                 and not torch.compiler.is_compiling()
@@ -237,7 +259,13 @@ class Flow(nn.Module):
             layer.condition(context if layer.context_dim else None) for layer in self.layers
         ]
         transforms += [t.condition(None) for t in self.data_transforms]
-        return FlowDistribution(self.base(batch_shape), transforms)
+        base = self.base(batch_shape)
+        if base.event_shape != (self.input_dim,):
+            raise ValueError(
+                f"the base distribution has event shape {tuple(base.event_shape)}, "
+                f"expected ({self.input_dim},)"
+            )
+        return FlowDistribution(base, transforms)
 
     def forward(self, context: Tensor | None = None) -> FlowDistribution:
         """Same as `condition`."""

@@ -225,6 +225,8 @@ def nsf(
     """
     transformer = RationalQuadraticSpline(count_bins=count_bins, bound=bound)
     if coupling:
+        if not invert or residual:
+            raise ValueError("invert and residual apply to autoregressive flows, not coupling=True")
         return coupling_flow(
             input_dim,
             transformer,

@@ -78,8 +78,8 @@ def check_spline_args(
     if not isinstance(count_bins, int) or isinstance(count_bins, bool) or count_bins < 1:
         raise ValueError(f"count_bins must be an integer >= 1, got {count_bins!r}")
     for name, value in (("min_bin_width", min_bin_width), ("min_bin_height", min_bin_height)):
-        if not value >= 0:
-            raise ValueError(f"{name} must be >= 0, got {value!r}")
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value!r}")
         if value * count_bins >= 1:
             raise ValueError(
                 f"{name}={value} does not fit {count_bins} bins: "
@@ -150,7 +150,10 @@ def _rqs(
         a = h_k * (s_k - d_k) + dy * two_s
         b = h_k * d_k - dy * two_s
         c = -s_k * dy
-        sqrt_disc = torch.sqrt(torch.clamp(b * b - 4.0 * a * c, min=0.0))
+        # Guard the discriminant (rounding can make it <= 0) and keep sqrt's gradient finite.
+        disc = b * b - 4.0 * a * c
+        positive = disc > 0
+        sqrt_disc = torch.where(positive, torch.sqrt(torch.where(positive, disc, 1.0)), 0.0)
         # Root in [0, 1] without cancellation: a + b = h_k * s_k > 0, so a > 0 whenever b < 0.
         neg_b = b < 0
         num = torch.where(neg_b, sqrt_disc - b, 2.0 * c)
@@ -227,7 +230,9 @@ def rational_quadratic_spline(
     inner = _derivatives(unnormalized_derivatives, min_derivative)
     derivatives = F.pad(inner, (1, 1), value=1.0)
     inside = (x >= -bound) & (x <= bound)
-    y, ladj = _rqs(x.clamp(-bound, bound), widths, heights, derivatives, xk, yk, inverse)
+    # Tail points are evaluated at 0 (a safe interior value) and then discarded: clamping them
+    # onto the bound would put them where the inverse's discriminant cancels in float32.
+    y, ladj = _rqs(torch.where(inside, x, 0.0), widths, heights, derivatives, xk, yk, inverse)
     return torch.where(inside, y, x), torch.where(inside, ladj, torch.zeros_like(ladj))
 
 
@@ -246,10 +251,9 @@ def bounded_rational_quadratic_spline(
 ) -> tuple[Tensor, Tensor]:
     """Monotone rational-quadratic bijection of ``[low, high]`` onto itself, without tails.
 
-    Inputs outside the interval are clamped onto it (the map is only defined there).
-
     Args:
-        x: input, any shape ``S``.
+        x: input, any shape ``S``; values outside ``[low, high]`` are clamped onto it, and
+            the inverse gives them log-det ``-inf`` (the density is zero outside).
         unnormalized_widths: raw bin widths, shape ``S + (K,)``.
         unnormalized_heights: raw bin heights, shape ``S + (K,)``.
         unnormalized_derivatives: raw derivatives at all ``K + 1`` knots, ``S + (K + 1,)``.
@@ -274,7 +278,11 @@ def bounded_rational_quadratic_spline(
     widths, xk = _knots(unnormalized_widths, low, high, min_bin_width)
     heights, yk = _knots(unnormalized_heights, low, high, min_bin_height)
     derivatives = _derivatives(unnormalized_derivatives, min_derivative)
-    return _rqs(x.clamp(low, high), widths, heights, derivatives, xk, yk, inverse)
+    y, ladj = _rqs(x.clamp(low, high), widths, heights, derivatives, xk, yk, inverse)
+    if inverse:  # the map is undefined outside the interval: zero density there
+        outside = (x < low) | (x > high)
+        ladj = torch.where(outside, torch.full_like(ladj, -math.inf), ladj)
+    return y, ladj
 
 
 def circular_rational_quadratic_spline(

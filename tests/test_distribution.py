@@ -278,3 +278,34 @@ class TestBadInput:
             Flow([layer], 4)
         with pytest.raises(TypeError, match="FlowModule"):
             Flow([torch.distributions.transforms.ExpTransform()], 3)
+
+
+class TestMoreBadInput:
+    def test_dtype_mismatch(self):
+        flow = flows.maf(3, 2)
+        with pytest.raises(ValueError, match="dtype torch.float64 but the flow computes in"):
+            flow.condition(torch.zeros(2)).log_prob(torch.zeros(3, dtype=torch.float64))
+        with pytest.raises(ValueError, match="context has dtype torch.float64"):
+            flow.condition(torch.zeros(2, dtype=torch.float64))
+
+    def test_base_must_be_a_module(self):
+        with pytest.raises(TypeError, match="nn.Module"):
+            Flow([], 2, base=dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+    def test_coupling_rejects_autoregressive_options(self):
+        with pytest.raises(ValueError, match="autoregressive"):
+            flows.nsf(3, coupling=True, invert=False)
+
+    def test_empty_hidden_dims(self):
+        with pytest.raises(ValueError, match="hidden_dims"):
+            flows.maf(3, hidden_dims=())
+
+
+def test_in_place_change_invalidates_the_fresh_sample_score():
+    flow = build("iaf", 3, 0, torch.float32, "cpu")
+    d = flow()
+    x, lp = d.rsample_and_log_prob((4,))
+    with torch.no_grad():
+        x.add_(1.0)
+    torch.testing.assert_close(d.log_prob(x), flow().log_prob(x.clone()), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(d.log_prob(x), lp)

@@ -235,7 +235,7 @@ def test_works_in_pyro_transformed_distribution(case, dtype, device, tol):
         torch.zeros(D, dtype=dtype, device=device), torch.ones(D, dtype=dtype, device=device)
     ).to_event(1)
     x = LAYERS[name].sample((6, D), dtype, device)
-    ours = Flow([layer], D, C if cond else 0)
+    ours = Flow([layer], D, C if cond else 0).to(dtype=dtype, device=device)
     if cond:
         context = context_for(cond, (6,), dtype, device)
         theirs = dist.ConditionalTransformedDistribution(base, [layer]).condition(context)
@@ -268,3 +268,39 @@ def test_batch_jacobian_helper_matches_dense_jacobian(dtype, device):
     for i in range(3):
         dense = torch.autograd.functional.jacobian(lambda v: torch.tanh(v @ w.T), x[i])
         torch.testing.assert_close(jac[i], dense)
+
+
+@pytest.mark.parametrize("input_dim", [1, 2])
+def test_small_dimensions(case, input_dim, dtype, device, tol):
+    """D = 1 and D = 2: round trip, log-det, and a gradient for every parameter."""
+    name, cond = case
+    spec = LAYERS[name]
+    layer = randomize_(spec.build(input_dim, C if cond else 0)).to(dtype=dtype, device=device)
+    context = context_for(cond, (6,), dtype, device)
+    x = spec.sample((6, input_dim), dtype, device)
+    t = layer.condition(context)
+    check_round_trip(t, x, tol)
+    check_log_det(t, x, tol)
+    if not list(layer.parameters()):
+        return
+    flow = Flow([layer], input_dim, C if cond else 0).to(dtype=dtype, device=device)
+    sample, log_q = flow.condition(context).rsample_and_log_prob((3,))
+    (sample.pow(2).sum() + log_q.sum() - flow.condition(context).log_prob(x).sum()).backward()
+    for pname, p in flow.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+        assert p.numel() == 0 or p.grad.abs().sum() > 0, f"{pname} is dead at D={input_dim}"
+
+
+def test_context_reaches_every_feature(case, dtype, device):
+    """Each transformed feature depends on the context (MADE's first feature included)."""
+    name, cond = case
+    if not cond:
+        pytest.skip("unconditional")
+    layer = make(name, cond, dtype, device)
+    x = 0.5 * LAYERS[name].sample((D,), dtype, device)  # inside spline bounds (no tails)
+    context = torch.randn(C, dtype=dtype, device=device)
+    jac = torch.autograd.functional.jacobian(lambda c: layer.condition(c)._call(x), context)
+    base = layer.layer if isinstance(layer, Inverse) else layer
+    transformed = base.idx_tr if hasattr(base, "idx_tr") else torch.arange(D, device=device)
+    depends = jac.abs().sum(-1)[transformed] > 0
+    assert depends.all(), f"features {transformed[~depends].tolist()} ignore the context"

@@ -216,3 +216,27 @@ def test_fuzz_bounded_and_circular_splines(count_bins, scale, seed, variant):
     assert ((x >= lo) & (x <= hi)).all()
     torch.testing.assert_close(y_back, y, atol=1e-9, rtol=0)
     torch.testing.assert_close(ladj, -ladj_inv, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "float64"])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_gradients_are_finite_at_knots_bounds_and_tails(dtype_name, inverse):
+    """One non-finite gradient poisons a whole update: none at knots, bounds or in the tails."""
+    dtype = getattr(torch, dtype_name)
+    gen = torch.Generator().manual_seed(3)
+    n = 4000
+    w, h, d = (t.requires_grad_() for t in raw_params((n,), 8, 7, 8.0, dtype, gen))
+    special = torch.tensor([-5.0, 5.0, -5.0 - 1e-3, 5.0 + 1e-3, -50.0, 50.0, 0.0], dtype=dtype)
+    x = torch.cat([special.repeat(n // 8), torch.linspace(-7, 7, n - 7 * (n // 8), dtype=dtype)])
+    x = x.requires_grad_()
+    y, ladj = rational_quadratic_spline(x, w, h, d, bound=5.0, inverse=inverse)
+    (y.sum() + ladj.sum()).backward()
+    for name, t in (("x", x), ("widths", w), ("heights", h), ("derivatives", d)):
+        assert torch.isfinite(t.grad).all(), f"non-finite gradient for {name}"
+
+
+def test_bounded_inverse_gives_zero_density_outside():
+    w, h, d = raw_params((3,), 4, 5, 1.0, torch.float64)
+    y = torch.tensor([-0.5, 0.5, 1.5], dtype=torch.float64)
+    _, ladj = bounded_rational_quadratic_spline(y, w, h, d, low=0.0, high=1.0, inverse=True)
+    assert ladj[0] == -math.inf and ladj[2] == -math.inf and torch.isfinite(ladj[1])

@@ -104,6 +104,12 @@ class FlowTransform(Transform):
     def inv(self) -> FlowTransform:
         return _InverseFlowTransform(self)
 
+    def with_cache(self, cache_size: int = 1) -> FlowTransform:
+        """Returns ``self``: pyroflows transforms never cache; fused calls replace caching."""
+        if cache_size not in (0, 1):
+            raise ValueError(f"cache_size must be 0 or 1, got {cache_size!r}")
+        return self
+
 
 class _InverseFlowTransform(FlowTransform):
     def __init__(self, base: FlowTransform):

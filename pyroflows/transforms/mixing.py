@@ -95,8 +95,12 @@ class LULinear(_ContextFree):
             raise ValueError(f"not a permutation of range({input_dim}): {perm.tolist()}")
         self.register_buffer("permutation", perm.long())
         self.register_buffer("inverse_permutation", torch.argsort(perm.long()))
-        self.lower = nn.Parameter(torch.zeros(input_dim, input_dim))
-        self.upper = nn.Parameter(torch.zeros(input_dim, input_dim))
+        # Only the free entries are parameters: strictly lower / strictly upper triangles.
+        self.register_buffer("lower_index", torch.tril_indices(input_dim, input_dim, -1))
+        self.register_buffer("upper_index", torch.triu_indices(input_dim, input_dim, 1))
+        num_off_diagonal = input_dim * (input_dim - 1) // 2
+        self.lower = nn.Parameter(torch.zeros(num_off_diagonal))
+        self.upper = nn.Parameter(torch.zeros(num_off_diagonal))
         self.log_diag = nn.Parameter(torch.zeros(input_dim))
         self.bias = nn.Parameter(torch.zeros(input_dim))
 
@@ -104,9 +108,10 @@ class LULinear(_ContextFree):
         return f"input_dim={self.input_dim}"
 
     def _factors(self) -> tuple[Tensor, Tensor]:
-        eye = torch.eye(self.input_dim, dtype=self.lower.dtype, device=self.lower.device)
-        lower = self.lower.tril(-1) + eye
-        upper = self.upper.triu(1) + torch.diag(self.log_diag.exp())
+        d = self.input_dim
+        lower = torch.eye(d, dtype=self.lower.dtype, device=self.lower.device)
+        lower = lower.index_put(tuple(self.lower_index), self.lower)
+        upper = torch.diag(self.log_diag.exp()).index_put(tuple(self.upper_index), self.upper)
         return lower, upper
 
     def weight(self) -> Tensor:
