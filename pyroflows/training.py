@@ -275,6 +275,8 @@ def fit(
         raise TypeError(f"fit expects a pyroflows.Flow, got {type(flow).__name__}")
     _check_settings(epochs, batch_size, lr, validation, schedule, patience)
     device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was requested but CUDA is not available")
     rank, world, device = _setup_distributed(device)
     if device is not None:
         flow.to(device)
@@ -473,6 +475,11 @@ def _standardize(
             raise ValueError("bounds need standardize=True (they are stored with the scaling)")
         return "off"
     if len(flow.data_transforms) or len(flow.context_transforms):
+        if bounds is not None or context_bounds is not None:
+            raise ValueError(
+                "the flow already has data/context transforms (e.g. from an earlier fit); "
+                "bounds can only be declared on a flow without them"
+            )
         return "kept"
     flow.data_transforms.extend(
         m.to(device=device, dtype=dtype)

@@ -246,3 +246,32 @@ def test_torchrun_two_processes_matches_single_process(tmp_path):
     assert single["world_size"] == 1
     assert ddp["test_log_likelihood"] == pytest.approx(single["test_log_likelihood"], abs=0.1)
     assert ddp["test_log_likelihood"] > ddp["truth"] - 0.1
+
+
+def test_second_fit_keeps_the_scaling_and_refuses_new_bounds():
+    data, _ = gaussian_data(n=300)
+    flow = flows.maf(2, num_layers=1, hidden_dims=(8,))
+    fit(flow, data, epochs=1, progress=False)
+    scale = flow.data_transforms[0].scale.clone()
+    history = fit(flow, data * 2, epochs=1, progress=False)
+    assert history.standardized == "kept"
+    assert torch.equal(flow.data_transforms[0].scale, scale)
+    with pytest.raises(ValueError, match="already has data/context transforms"):
+        fit(flow, data, bounds={0: (0, None)}, epochs=1, progress=False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_cuda_request_without_cuda_is_a_clear_error():
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        fit(flows.maf(2), torch.randn(50, 2), device="cuda", progress=False)
+
+
+@pytest.mark.gpu
+def test_fit_on_gpu_scores_on_the_users_scale():
+    data, target = gaussian_data(n=2000)
+    flow = flows.maf(2, num_layers=2, hidden_dims=(16,))
+    fit(flow, data, epochs=20, lr=3e-3, device="cuda", progress=False)
+    assert all(t.device.type == "cuda" for t in flow.state_dict().values())
+    with torch.no_grad():
+        lp = flow().log_prob(data[:500].cuda()).mean().item()
+    assert lp == pytest.approx(target.log_prob(data[:500]).mean().item(), abs=0.1)
