@@ -4,8 +4,9 @@ Layers map base to data (``x = f(z)``, Pyro's convention) and are Pyro
 ``TransformModule``s; `Flow` turns a stack of them into a distribution.
 """
 
-from . import conditioners, datasets, flows, plot, splines, transformers
+from . import conditioners, datasets, flows, infer, plot, splines, transformers
 from .distribution import DiagNormal, Flow, FlowDistribution
+from .infer import AutoFlow
 from .io import load, save
 from .training import FitHistory, fit
 from .transforms import (
@@ -41,11 +42,13 @@ __all__ = [
     "Standardize",
     "SupportMap",
     "fit",
+    "AutoFlow",
     "FitHistory",
     "save",
     "load",
     "conditioners",
     "datasets",
+    "infer",
     "plot",
     "flows",
     "splines",

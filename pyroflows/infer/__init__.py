@@ -1,0 +1,5 @@
+"""Variational inference with flows: automatic flow guides for Pyro models."""
+
+from .autoflow import AutoFlow
+
+__all__ = ["AutoFlow"]
