@@ -60,7 +60,8 @@ class AutoFlow(AutoContinuous):
         ...         pyro.sample("x", dist.Normal(mu, sigma), obs=data)
         >>> data = torch.randn(50) + 3
         >>> guide = AutoFlow(model, model_args=(data,))
-        >>> svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), pyro.infer.Trace_ELBO())
+        >>> optim = pyro.optim.Adam({"lr": 0.01})
+        >>> svi = pyro.infer.SVI(model, guide, optim, pyro.infer.Trace_ELBO())
         >>> loss = svi.step(data)
         >>> sorted(guide.median(data))
         ['mu', 'sigma']
