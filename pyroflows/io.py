@@ -99,9 +99,13 @@ def load(path: str | os.PathLike, map_location: str | torch.device | None = "cpu
         raise FileNotFoundError(f"no such file: {path}")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # pickle, zip or unsafe-type errors all mean "not ours"
-        raise ValueError(f"{path} is not a pyroflows model file ({type(error).__name__})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    except Exception:  # pickle, zip or unsafe-type errors all mean "not ours"
+        raise ValueError(f"{path} is not a pyroflows model file") from None
+    if (
+        not isinstance(payload, dict)
+        or payload.get("format") != FORMAT
+        or not {"config", "metadata", "state_dict"} <= set(payload)
+    ):
         raise ValueError(f"{path} is not a pyroflows model file")
     if payload.get("format_version", 0) > _FORMAT_VERSION:
         raise ValueError(f"{path} was written by a newer pyroflows; upgrade to load it")

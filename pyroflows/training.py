@@ -151,18 +151,23 @@ def _support_map(
     return SupportMap(lower, upper)
 
 
-def _fit_transforms(
-    train: Tensor, bounds: Bounds | None, columns: Sequence[str] | None, name: str
-) -> list[nn.Module]:
-    """`Standardize` (and `SupportMap`) fitted to ``train``, in base-to-data order."""
-    support = _support_map(bounds, train.shape[1], columns)
+def _check_support(support: SupportMap | None, x: Tensor | None, name: str) -> None:
+    """Raise a `ValueError` naming the rows of ``x`` outside ``support``."""
+    if support is None or x is None:
+        return
+    _, ladj = support.inv_and_ladj(x.to(support.lower.dtype))
+    outside = (~torch.isfinite(ladj)).nonzero().flatten()
+    if len(outside):
+        rows = ", ".join(str(int(i)) for i in outside[:10]) + (" ..." if len(outside) > 10 else "")
+        raise ValueError(
+            f"{name} has {len(outside)} row(s) outside the declared bounds (0-based rows {rows})"
+        )
+
+
+def _fit_transforms(train: Tensor, support: SupportMap | None) -> list[nn.Module]:
+    """`Standardize` (then ``support``) fitted to ``train``, in base-to-data order."""
     if support is not None:
-        unconstrained, ladj = support.inv_and_ladj(train.to(support.lower.dtype))
-        outside = (~torch.isfinite(ladj)).nonzero().flatten()
-        if len(outside):
-            rows = ", ".join(str(int(i)) for i in outside[:10])
-            raise ValueError(f"{name} has rows outside the declared bounds (rows {rows})")
-        train = unconstrained
+        train = support.inv_and_ladj(train.to(support.lower.dtype))[0]
     return [Standardize.from_data(train)] + ([support] if support is not None else [])
 
 
@@ -286,10 +291,15 @@ def fit(
     device, dtype = reference.device, reference.dtype
 
     x, c = _prepare(flow, data, context, "data", "context")
+    supports = _supports(flow, standardize, bounds, context_bounds, data, context)
+    _check_support(supports[0], x, "data")
+    _check_support(supports[1], c, "context")
     if validation_data is not None:
         x_val, c_val = _prepare(
             flow, validation_data, validation_context, "validation_data", "validation_context"
         )
+        _check_support(supports[0], x_val, "validation_data")
+        _check_support(supports[1], c_val, "validation_context")
         x_train, c_train = x, c
     else:
         generator = torch.Generator().manual_seed(seed)
@@ -306,7 +316,7 @@ def fit(
 
     history = FitHistory(num_train=len(x_train), num_val=len(x_val), world_size=world)
     history.standardized = _standardize(
-        flow, standardize, x_train, c_train, bounds, context_bounds, data, context, device, dtype
+        flow, standardize, x_train, c_train, supports, device, dtype
     )
 
     x_train, c_train, x_val, c_val = (
@@ -467,31 +477,39 @@ def _prepare(flow: Flow, data: Any, context: Any, name: str, context_name: str):
     return x, c
 
 
-def _standardize(
-    flow, standardize, x_train, c_train, bounds, context_bounds, data, context, device, dtype
-) -> str:
+def _supports(
+    flow: Flow, standardize: bool, bounds, context_bounds, data: Any, context: Any
+) -> tuple[SupportMap | None, SupportMap | None]:
+    """The declared supports of data and context columns, after checking they can be used."""
+    if bounds is None and context_bounds is None:
+        return None, None
     if not standardize:
-        if bounds is not None or context_bounds is not None:
-            raise ValueError("bounds need standardize=True (they are stored with the scaling)")
+        raise ValueError("bounds need standardize=True (they are stored with the scaling)")
+    if len(flow.data_transforms) or len(flow.context_transforms):
+        raise ValueError(
+            "the flow already has data/context transforms (e.g. from an earlier fit); "
+            "bounds can only be declared on a flow without them"
+        )
+    if context_bounds is not None and flow.context_dim == 0:
+        raise ValueError("context_bounds given, but the flow is unconditional")
+    return (
+        _support_map(bounds, flow.input_dim, _columns(data)),
+        _support_map(context_bounds, flow.context_dim, _columns(context)),
+    )
+
+
+def _standardize(flow, standardize, x_train, c_train, supports, device, dtype) -> str:
+    if not standardize:
         return "off"
     if len(flow.data_transforms) or len(flow.context_transforms):
-        if bounds is not None or context_bounds is not None:
-            raise ValueError(
-                "the flow already has data/context transforms (e.g. from an earlier fit); "
-                "bounds can only be declared on a flow without them"
-            )
         return "kept"
     flow.data_transforms.extend(
-        m.to(device=device, dtype=dtype)
-        for m in _fit_transforms(x_train, bounds, _columns(data), "data")
+        m.to(device=device, dtype=dtype) for m in _fit_transforms(x_train, supports[0])
     )
     if c_train is not None:
         flow.context_transforms.extend(
-            m.to(device=device, dtype=dtype)
-            for m in _fit_transforms(c_train, context_bounds, _columns(context), "context")
+            m.to(device=device, dtype=dtype) for m in _fit_transforms(c_train, supports[1])
         )
-    elif context_bounds is not None:
-        raise ValueError("context_bounds given, but the flow is unconditional")
     return "fitted"
 
 

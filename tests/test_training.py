@@ -186,11 +186,20 @@ class TestBadInput:
         with pytest.raises(ValueError, match="empty"):
             fit(flows.maf(2), np.zeros((0, 2)), progress=False)
 
-    def test_rows_outside_bounds(self):
+    def test_rows_outside_bounds_are_named_by_their_row_in_the_users_data(self):
         data = torch.rand(50, 2)
         data[4, 0] = -1.0
-        with pytest.raises(ValueError, match="outside the declared bounds"):
+        data[41, 0] = -2.0
+        with pytest.raises(ValueError, match=r"2 row\(s\) outside the declared bounds.*rows 4, 41"):
             fit(flows.maf(2), data, bounds={0: (0, None)}, progress=False)
+        with pytest.raises(ValueError, match=r"validation_data has 1 row\(s\) outside"):
+            fit(
+                flows.maf(2),
+                data.abs(),
+                validation_data=data[:5],
+                bounds={0: (0, None)},
+                progress=False,
+            )
 
     @pytest.mark.parametrize(
         "kwargs",
