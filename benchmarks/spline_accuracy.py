@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     print(f"rows={args.rows} scale={args.scale} bins={args.bins} bound={args.bound}")
     print(
-        "| dtype | max err inverse->forward | max err forward->inverse | median log-det err | finite |"
+        "| dtype | max err inverse->forward | max err forward->inverse "
+        "| median log-det err | finite |"
     )
     print("|---|---|---|---|---|")
     for dtype in (torch.float32, torch.float64):
