@@ -249,7 +249,7 @@ def markdown_table(results: dict[str, dict[str, dict[str, float]]], guides: list
     ]
     for name, row in results.items():
         log_z = next(iter(row.values()))["log_z"]
-        cells = [f"{row[g]['kl']:.3f} ± {row[g]['kl_se']:.3f}" for g in guides]
+        cells = [f"{row[g]['kl']:.4f} ± {row[g]['kl_se']:.4f}" for g in guides]
         lines.append(f"| {name} | {log_z:.4f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
