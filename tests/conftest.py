@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pyro
 import pytest
 import torch
 
@@ -50,5 +51,8 @@ def tol(dtype: torch.dtype) -> float:
 
 
 @pytest.fixture(autouse=True)
-def _seed() -> None:
+def _seed_and_validation() -> None:
     torch.manual_seed(0)
+    # Some libraries (zuko, imported by the benchmark smoke test) switch torch's argument
+    # validation off at import; every test starts from Pyro's default, validation on.
+    pyro.enable_validation(True)
