@@ -174,7 +174,7 @@ def fit(model: Callable, guide, args: argparse.Namespace) -> list[float]:
     """SVI with ClippedAdam, the learning rate decaying geometrically to ``lr * lr_final``.
 
     Over the first ``anneal`` fraction of the steps the target is tempered, ``beta`` rising
-    linearly from 0.01 to 1 (Rezende & Mohamed anneal the same way): a wide ``q`` that
+    linearly from 0.01 to 1 (Rezende & Mohamed anneal in the same spirit): a wide ``q`` that
     follows the target as it sharpens keeps every mode it has covered, where a narrow one
     dropped on the final target settles on the nearest mode (reverse KL is mode-seeking).
     """
