@@ -9,6 +9,7 @@ from .distribution import DiagNormal, Flow, FlowDistribution
 from .infer import AutoFlow
 from .io import load, save
 from .training import FitHistory, fit
+from .workflow import Diagnosis, diagnose, to_inference_data
 from .transforms import (
     ActNorm,
     Autoregressive,
@@ -42,6 +43,9 @@ __all__ = [
     "Standardize",
     "SupportMap",
     "fit",
+    "diagnose",
+    "Diagnosis",
+    "to_inference_data",
     "AutoFlow",
     "FitHistory",
     "save",
