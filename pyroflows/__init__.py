@@ -9,7 +9,6 @@ from .distribution import DiagNormal, Flow, FlowDistribution
 from .infer import AutoFlow
 from .io import load, save
 from .training import FitHistory, fit
-from .workflow import Diagnosis, diagnose, to_inference_data
 from .transforms import (
     ActNorm,
     Autoregressive,
@@ -23,6 +22,7 @@ from .transforms import (
     Standardize,
     SupportMap,
 )
+from .workflow import Diagnosis, diagnose, to_inference_data
 
 __version__ = "0.1.0"
 

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import pyro
 import pyro.poutine as poutine
-from pyro.poutine.util import site_is_subsample
 import torch
+from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
 __all__ = ["Diagnosis", "diagnose", "to_inference_data", "KHAT_GOOD", "KHAT_OK"]
@@ -169,7 +169,8 @@ def _prototype(model, guide, args, kwargs):
             batch_ndim = min(len(shape), nesting)
         else:
             batch_ndim = len(shape) - site["fn"].event_dim
-        infos[name] = _SiteInfo(shape, batch_ndim, _site_dims(name, site, shape, batch_ndim, coords))
+        dims = _site_dims(name, site, shape, batch_ndim, coords)
+        infos[name] = _SiteInfo(shape, batch_ndim, dims)
     observed_values = {name: model_trace.nodes[name]["value"].detach() for name in observed}
     return latent, deterministic, observed, infos, nesting, observed_values, coords
 

@@ -48,6 +48,7 @@ def tol(dtype: torch.dtype) -> float:
 @pytest.fixture(autouse=True)
 def _seed_and_validation() -> None:
     torch.manual_seed(0)
+    pyro.clear_param_store()  # autoguides of earlier tests must not lend their parameters
     # Some libraries (zuko, imported by the benchmark smoke test) switch torch's argument
     # validation off at import; every test starts from Pyro's default, validation on.
     pyro.enable_validation(True)
