@@ -144,7 +144,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
             loo = az.loo(idata)
             print(f"PSIS-LOO elpd {loo.elpd_loo:.2f} +- {loo.se:.2f}")
             result = {"khat": report.khat, "ess": report.ess, "trustworthy": report.trustworthy,
-                      "elbo": report.elbo, "elpd_loo": float(loo.elpd_loo), "seconds": seconds}
+                      "elbo": report.elbo, "log_evidence": report.log_evidence,
+                      "missing_mass": report.mass_check.missing_mass,
+                      "elpd_loo": float(loo.elpd_loo), "seconds": seconds}
             if reference is not None:
                 result["guide_vs_reference"] = compare(_columns(report.samples), reference)
                 result["psis_vs_reference"] = compare(_columns(report.posterior), reference)

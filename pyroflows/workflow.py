@@ -26,10 +26,13 @@ import numpy as np
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.distributions import TorchDistribution, constraints
+from pyro.infer.autoguide import AutoContinuous
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
-__all__ = ["Diagnosis", "diagnose", "to_inference_data", "KHAT_GOOD", "KHAT_OK"]
+__all__ = ["Diagnosis", "MassCheck", "diagnose", "to_inference_data", "KHAT_GOOD", "KHAT_OK"]
 
 #: Below this Pareto k-hat the approximation is close to the posterior (Yao et al. 2018).
 KHAT_GOOD = 0.5
@@ -448,7 +451,7 @@ def _systematic_resample(log_weights: Tensor, num: int, generator: torch.Generat
 
 
 def _verdict(khat: float) -> tuple[str, bool]:
-    if not math.isfinite(khat):
+    if math.isnan(khat) or khat == math.inf:
         return "k-hat could not be estimated: the log importance weights are not finite.", False
     if khat < KHAT_GOOD:
         return (
@@ -470,6 +473,100 @@ def _verdict(khat: float) -> tuple[str, bool]:
     )
 
 
+class _Defensive(TorchDistribution):
+    """Half the draws from ``q``, half from ``q`` widened ``factor``-fold about ``center``.
+
+    A defensive importance-sampling proposal (Hesterberg 1995): where ``q`` is too narrow
+    the widened half still puts draws, and its density never falls below half of ``q``'s.
+    """
+
+    arg_constraints: dict = {}
+    support = constraints.real_vector
+
+    def __init__(self, q, center: Tensor, factor: float):
+        self.q, self.center, self.factor = q, center, factor
+        super().__init__(q.batch_shape, q.event_shape, validate_args=False)
+
+    def sample(self, sample_shape=()) -> Tensor:
+        u = self.q.sample(torch.Size(sample_shape))
+        widened = torch.rand(u.shape[:-1], device=u.device) < 0.5
+        return torch.where(widened[..., None], self.center + self.factor * (u - self.center), u)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        shrunk = self.center + (value - self.center) / self.factor
+        narrow = self.q.log_prob(value)
+        wide = self.q.log_prob(shrunk) - value.shape[-1] * math.log(self.factor)
+        return torch.logaddexp(narrow, wide) - math.log(2.0)
+
+
+class _Replace(Messenger):
+    """Replaces the distribution of one sample site (the guide's packed latent)."""
+
+    def __init__(self, name: str, make: Callable):
+        super().__init__()
+        self.name, self.make = name, make
+
+    def _pyro_sample(self, msg) -> None:
+        if msg["name"] == self.name:
+            msg["fn"] = self.make(msg["fn"])
+
+
+def _log_mean_exp_and_ess(log_w: Tensor) -> tuple[float, float]:
+    w = torch.softmax(log_w, 0)
+    return float(torch.logsumexp(log_w, 0) - math.log(len(log_w))), float(1.0 / (w**2).sum())
+
+
+@dataclass
+class MassCheck:
+    """Does the guide miss posterior mass? A wider proposal's evidence against the guide's.
+
+    The guide's importance-sampling estimate of ``log p(x)`` sees only the posterior mass
+    where the guide puts draws. A defensive proposal (half the guide, half the guide widened
+    ``factor``-fold about its mean) sees more; if its estimate is clearly larger, the guide
+    misses at least ``missing_mass`` of the posterior, whatever k-hat says. Available for
+    guides with a packed latent (`AutoFlow`, Pyro's ``AutoContinuous`` guides).
+
+    Attributes:
+        factor: widening factor of the defensive half.
+        log_evidence: the defensive proposal's estimate of ``log p(x)``.
+        gap: ``log_evidence`` minus the guide's own estimate, in nats.
+        standard_error: Monte Carlo standard error of ``gap``.
+        missing_mass: ``1 - exp(-gap)`` (0 when ``gap`` is not significant): the share of
+            posterior mass the guide's own draws do not reach.
+        significant: ``gap`` exceeds both 3 standard errors and 0.05 nats.
+    """
+
+    factor: float
+    log_evidence: float
+    gap: float
+    standard_error: float
+    missing_mass: float
+    significant: bool
+
+
+def _mass_check(model, guide, args, kwargs, num_samples, factor, parallel, chunk_size):
+    """Log importance weights of draws from the defensive proposal around ``guide``."""
+    with torch.no_grad():
+        center = guide.get_posterior(*args, **kwargs).sample((num_samples,)).mean(0)
+    site = f"_{guide._pyro_name}_latent"
+
+    def widened_guide(*a, **k):
+        with _Replace(site, lambda q: _Defensive(q, center, factor)):
+            return guide(*a, **k)
+
+    draws = _draw(
+        model,
+        widened_guide,
+        args,
+        kwargs,
+        num_samples,
+        parallel=parallel,
+        chunk_size=chunk_size,
+        predictive=False,
+    )
+    return draws.log_weights.to(torch.float64)
+
+
 @dataclass
 class Diagnosis:
     """Result of `diagnose`: PSIS statistics of a guide against its model.
@@ -477,13 +574,16 @@ class Diagnosis:
     Attributes:
         log_weights: raw log importance weights ``log p(x, z) - log q(z)``, one per draw.
         smoothed_log_weights: Pareto-smoothed, normalised log weights (``logsumexp`` is 0).
-        khat: Pareto shape estimate of the weights' right tail (Yao et al. 2018).
+        khat: Pareto shape estimate of the weights' right tail (Yao et al. 2018); ``-inf``
+            when the largest weights are tied (e.g. constant weights of an exact guide).
         ess: effective sample size of the smoothed weights, ``1 / sum(w_i^2)``.
         verdict: a sentence saying whether the approximation can be trusted.
         trustworthy: ``khat <= 0.7`` (and finite).
         elbo: Monte Carlo ELBO, the mean of the log weights.
         log_evidence: importance-sampling estimate of ``log p(x)`` (log-mean-exp of the raw
             weights); a lower bound in expectation, tight when k-hat is small.
+        mass_check: the `MassCheck` (``None`` when it was not run: ``widen=None`` or a guide
+            without a packed latent).
     """
 
     log_weights: Tensor
@@ -494,6 +594,7 @@ class Diagnosis:
     trustworthy: bool
     elbo: float
     log_evidence: float
+    mass_check: MassCheck | None
     _draws: _Draws = field(repr=False)
     _resampled: _Draws = field(repr=False)
 
@@ -538,7 +639,14 @@ class Diagnosis:
             f"  ESS          {self.ess:.1f} ({100 * self.ess / self.num_samples:.1f}% of draws)\n"
             f"  ELBO         {self.elbo:.4f}\n"
             f"  log evidence {self.log_evidence:.4f} (importance-sampling estimate)\n"
-            f"  verdict      {self.verdict}"
+            + (
+                f"  widened x{self.mass_check.factor:g}  log evidence "
+                f"{self.mass_check.log_evidence:.4f} (gap {self.mass_check.gap:+.3f} "
+                f"+- {self.mass_check.standard_error:.3f} nats)\n"
+                if self.mass_check is not None
+                else ""
+            )
+            + f"  verdict      {self.verdict}"
         )
 
 
@@ -550,6 +658,7 @@ def diagnose(
     parallel: bool = True,
     chunk_size: int = 1000,
     seed: int | None = None,
+    widen: float | None = 2.0,
     **kwargs: Any,
 ) -> Diagnosis:
     """Can the guide be trusted? Pareto-smoothed importance sampling of its draws.
@@ -563,6 +672,12 @@ def diagnose(
     * ``0.5 <= k-hat <= 0.7``: usable; the PSIS-reweighted draws improve estimates;
     * ``k-hat > 0.7``: do not trust the approximation.
 
+    k-hat only sees where the guide puts draws: a guide that misses a whole region of the
+    posterior (a funnel's mouth, a second mode) can have a small k-hat. For guides with a
+    packed latent (`AutoFlow`, Pyro's ``AutoContinuous`` guides) a `MassCheck` therefore
+    also estimates ``log p(x)`` with a defensive proposal that widens the guide ``widen``-fold;
+    a clearly larger estimate means missing mass, and the verdict says so.
+
     The estimate of k-hat is itself noisy: use at least a few thousand draws. Works with any
     guide whose draws cover all latent sites of the model: `pyroflows.infer.AutoFlow`, every
     Pyro autoguide with a density (not ``AutoDelta``), hand-written guides.
@@ -575,6 +690,9 @@ def diagnose(
         parallel: vectorised draws (see `to_inference_data`).
         chunk_size: draws per vectorised pass.
         seed: seeds the draws and the resampling (``None`` leaves the RNG as it is).
+        widen: widening factor of the mass check's defensive proposal (``None``: no check;
+            it costs another ``num_samples`` draws, scored by the guide's ``log_prob``, which
+            for IAF-direction flows inverts them).
         **kwargs: keyword arguments of the model.
 
     Returns:
@@ -617,8 +735,57 @@ def diagnose(
     smoothed_t = torch.as_tensor(np.asarray(smoothed), dtype=torch.float64)
     if not bool(finite.all()):
         khat = math.inf if bool((log_w == math.inf).any()) else khat
+    elif khat == math.inf or float(log_w.max() - log_w.min()) < 1e-6:
+        # ArviZ gives +inf when fewer than 5 weights exceed its tail cutoff: the largest
+        # weights are tied (constant weights: the guide is the posterior, to rounding);
+        # there is no heavy tail to fit
+        khat = -math.inf
     ess = float(1.0 / torch.exp(2 * smoothed_t).sum())
+    log_evidence, raw_ess = _log_mean_exp_and_ess(log_w)
     verdict, trustworthy = _verdict(khat)
+    mass, wide_log_w = None, None
+    if widen is not None and isinstance(guide, AutoContinuous):
+        if not (widen > 1 and math.isfinite(widen)):
+            raise ValueError(f"widen must be a finite number above 1 (or None), got {widen!r}")
+        try:
+            wide_log_w = _mass_check(
+                model, guide, args, kwargs, num_samples, widen, parallel, chunk_size
+            )
+        except (RuntimeError, ValueError, NotImplementedError) as error:
+            warnings.warn(
+                f"mass check skipped: scoring the widened proposal with the guide failed ({error})",
+                stacklevel=2,
+            )
+            wide_log_w = None
+    if wide_log_w is not None:
+        wide_evidence, wide_ess = _log_mean_exp_and_ess(wide_log_w)
+        gap = wide_evidence - log_evidence
+        se = math.sqrt(1.0 / max(raw_ess, 1.0) + 1.0 / max(wide_ess, 1.0))
+        significant = gap > max(3 * se, 0.05)
+        mass = MassCheck(
+            factor=float(widen),
+            log_evidence=wide_evidence,
+            gap=gap,
+            standard_error=se,
+            missing_mass=1.0 - math.exp(-gap) if significant else 0.0,
+            significant=significant,
+        )
+        if significant:
+            missed = (
+                f"a proposal {widen:g}x wider than the guide finds {gap:.2f} nats more evidence "
+                f"(+- {se:.2f}): the guide's draws miss about {100 * mass.missing_mass:.0f}% of "
+                "the posterior mass"
+            )
+            if trustworthy:
+                verdict = (
+                    f"do not trust the approximation: {missed} (k-hat {khat:.2f} looks fine "
+                    "only because it cannot see mass where the guide puts no draws). "
+                    "Reparameterise the model, start the guide wider (init_scale), fit longer, "
+                    "or use MCMC."
+                )
+            else:
+                verdict = f"{verdict} Also, {missed}."
+            trustworthy = False
     index = _systematic_resample(smoothed_t, num_samples, generator)
     return Diagnosis(
         log_weights=log_w,
@@ -627,8 +794,9 @@ def diagnose(
         ess=ess,
         verdict=verdict,
         trustworthy=trustworthy,
-        elbo=float(log_w[finite].mean()),
-        log_evidence=float(torch.logsumexp(log_w, 0) - math.log(num_samples)),
+        elbo=float(log_w.mean()),
+        log_evidence=log_evidence,
+        mass_check=mass,
         _draws=draws,
         _resampled=draws.take(index),
     )
