@@ -20,7 +20,7 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyro
@@ -31,6 +31,9 @@ from pyro.infer.autoguide import AutoContinuous
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from arviz import InferenceData
 
 __all__ = ["Diagnosis", "MassCheck", "diagnose", "to_inference_data", "KHAT_GOOD", "KHAT_OK"]
 
@@ -327,7 +330,7 @@ def _chains(value: Tensor, num_chains: int) -> np.ndarray:
     return array.reshape((num_chains, -1) + array.shape[1:])
 
 
-def _export(draws: _Draws, num_chains: int, attrs: dict[str, Any]):
+def _export(draws: _Draws, num_chains: int, attrs: dict[str, Any]) -> InferenceData:
     az = _import_arviz()
     n = draws.log_p.shape[0]
     if not (isinstance(num_chains, int) and num_chains > 0 and n % num_chains == 0):
@@ -377,7 +380,7 @@ def to_inference_data(
     chunk_size: int = 1000,
     posterior_predictive: bool = True,
     **kwargs: Any,
-):
+) -> InferenceData:
     """ArviZ ``InferenceData`` from a fitted guide (SVI), like ``az.from_pyro`` for MCMC.
 
     Draws ``num_samples`` independent samples from ``guide`` with the model's arguments
@@ -617,7 +620,7 @@ class Diagnosis:
         """
         return self._resampled.posterior
 
-    def to_inference_data(self, *, reweighted: bool = True, num_chains: int = 4):
+    def to_inference_data(self, *, reweighted: bool = True, num_chains: int = 4) -> InferenceData:
         """ArviZ export of the PSIS-reweighted draws (or, ``reweighted=False``, the guide's).
 
         The groups are those of `to_inference_data`; ``sample_stats`` of the reweighted data
