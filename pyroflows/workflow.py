@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyro
+import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 from pyro.distributions import TorchDistribution, constraints
@@ -158,6 +159,15 @@ def _prototype(model, guide, args, kwargs):
                 f"site {name!r} is scaled by {site['scale']}: importance weights need the "
                 "unscaled model (remove poutine.scale / annealing)"
             )
+    if guided and all(
+        isinstance(site["fn"], dist.Delta) or _is_deterministic(site)
+        for _, site in _sample_sites(guide_trace)
+    ):
+        raise ValueError(
+            "the guide is a point estimate (only Delta sites, e.g. AutoDelta): it has no "
+            "density to weigh against the model; draws and diagnostics need a guide with a "
+            "spread (AutoFlow, AutoNormal, AutoMultivariateNormal, ...)"
+        )
     unguided = [name for name in latent if name not in guided]
     if unguided:
         raise ValueError(

@@ -12,6 +12,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer.autoguide import (
+    AutoDelta,
     AutoDiagonalNormal,
     AutoIAFNormal,
     AutoLowRankMultivariateNormal,
@@ -341,6 +342,14 @@ def test_guide_missing_a_site_is_refused():
 
     with pytest.raises(ValueError, match=r"does not sample the model's latent sites \['b'\]"):
         diagnose(model, guide, num_samples=10)
+
+
+def test_point_estimate_guide_is_refused():
+    def model():
+        pyro.sample("a", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match="point estimate"):
+        diagnose(model, AutoDelta(model), num_samples=10)
 
 
 def test_bad_arguments():
