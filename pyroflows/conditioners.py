@@ -28,6 +28,27 @@ from torch import Tensor, nn
 __all__ = ["MLP", "MADE", "MaskedLinear", "join_context"]
 
 
+def _linear_transposed(layer: nn.Linear, h: Tensor) -> Tensor:
+    """``layer(h).T`` computed as ``W @ h.T``: shape ``(out_features, N)`` for ``h`` ``(N, in)``.
+
+    Flow layers read a conditioner's output parameter by parameter, batch innermost; computing
+    the last layer transposed gives that layout without a copy.
+    """
+    weight = layer.weight * layer.mask if isinstance(layer, MaskedLinear) else layer.weight
+    if layer.bias is None:
+        return weight @ h.t()
+    return torch.addmm(layer.bias.unsqueeze(1), weight, h.t())
+
+
+def _forward_transposed(net: nn.Module, h: Tensor) -> Tensor:
+    """``net(h).T`` for a `_Bias` or a ``Sequential`` ending in a linear layer, ``h`` 2-D."""
+    if isinstance(net, _Bias):
+        return net.bias.unsqueeze(1).expand(-1, h.shape[0])
+    for layer in list(net)[:-1]:
+        h = layer(h)
+    return _linear_transposed(net[-1], h)
+
+
 def join_context(x: Tensor, context: Tensor | None) -> Tensor:
     """Concatenate ``x`` and ``context`` along the last dimension, broadcasting batch dims."""
     if context is None:
@@ -83,6 +104,9 @@ class MLP(nn.Module):
         super().__init__()
         hidden_dims = _check_dims(hidden_dims)
         self.context_features = context_features
+        #: For 2-D inputs, compute the output as ``(W @ h.T).T``: same values, but each output
+        #: feature is contiguous over the batch (how `Coupling` reads its parameters).
+        self.batch_innermost = False
         sizes = (in_features + context_features, *hidden_dims, out_features)
         if sizes[0] == 0:  # nothing to condition on (e.g. a 1-D coupling without context)
             self.net = _Bias(out_features, zero_init)
@@ -99,7 +123,10 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """Evaluate on ``x`` (shape ``(..., in_features)``) and an optional context."""
-        return self.net(join_context(x, context))
+        h = join_context(x, context)
+        if self.batch_innermost and h.dim() == 2:
+            return _forward_transposed(self.net, h).t()
+        return self.net(h)
 
 
 class MaskedLinear(nn.Linear):
@@ -204,6 +231,14 @@ class MADE(nn.Module):
             nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        """Parameters of shape ``x.shape[:-1] + (features, num_params)``."""
-        out = self.net(join_context(x, context))
-        return out.unflatten(-1, (self.features, self.num_params))
+        """Parameters of shape ``x.shape[:-1] + (features, num_params)``.
+
+        The result is a view laid out parameter-first in memory (the last layer runs as
+        ``W @ h.T``): for each parameter, the values of all features and batch elements are
+        contiguous, with the batch innermost, which is how `Autoregressive` reads them.
+        """
+        h = join_context(x, context)
+        batch = h.shape[:-1]
+        out = _forward_transposed(self.net, h.reshape(-1, h.shape[-1]))  # (D * P, N)
+        out = out.view(self.features, self.num_params, -1).permute(2, 0, 1)
+        return out.view(batch + (self.features, self.num_params))

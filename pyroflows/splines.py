@@ -16,11 +16,20 @@ Three variants share one core:
   ``[-bound, bound)`` (endpoints identified, equal end derivatives), for angles.
   Parameters per element: ``3 * count_bins``.
 
-Bin selection uses comparisons and `torch.gather`, branch selection uses
-`torch.where`: there is no boolean-mask indexing, so a compiled graph has no data
-dependent shapes and a GPU never waits for the host. The inverse solves the per-bin
-quadratic with a cancellation-free root whose discriminant is clamped at zero and whose
-result is clipped to its bin.
+All three run through one fused kernel (a `torch.autograd.Function` with a hand-written
+backward pass) that works parameter-first: the raw parameters are laid out as
+``(num_params, *x.shape)``, so every reduction over the bins is a sum of a few slabs of the
+input's shape and the bins never form the innermost, short dimension. The bin of each input
+is found by counting the knots below it, and the knots on either side are read with one-hot
+masks: there is no boolean-mask indexing, so a compiled graph has no data dependent shapes and
+a GPU never waits for the host. The forward pass computes the softmax of the widths and
+heights once, the cumulative sum only for the side that is searched, and the rest on tensors
+of the input's shape. The backward pass differentiates the spline in closed form (the inverse
+by implicit differentiation of the quadratic it solves), so autograd records one node per
+spline instead of some sixty. The inverse solves the per-bin quadratic with a
+cancellation-free root whose discriminant is clamped at zero and whose result is clipped to
+its bin. The kernel is differentiable once: asking for second derivatives through a spline
+raises an error.
 
 Example:
     >>> import torch
@@ -37,10 +46,12 @@ Example:
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "DEFAULT_MIN_BIN_WIDTH",
@@ -91,89 +102,389 @@ def check_spline_args(
         raise ValueError(f"bound must be a positive finite number, got {bound!r}")
 
 
-def _knots(raw: Tensor, low: float, high: float, min_size: float) -> tuple[Tensor, Tensor]:
-    """Bin sizes and knot positions ``low = k_0 < ... < k_K = high`` from raw logits."""
-    num_bins = raw.shape[-1]
-    sizes = min_size + (1.0 - min_size * num_bins) * torch.softmax(raw, dim=-1)
-    # Knots at 0, cumulative sizes, and exactly 1 at the end (a cumsum need not end at 1).
-    cum = F.pad(F.pad(torch.cumsum(sizes[..., :-1], dim=-1), (1, 0), value=0.0), (0, 1), value=1.0)
-    knots = low + (high - low) * cum
-    return knots[..., 1:] - knots[..., :-1], knots
+_LOG2E = 1.0 / math.log(2.0)
+VARIANTS = ("identity", "free", "circular")
 
 
-def _derivatives(raw: Tensor, min_derivative: float) -> Tensor:
-    """Positive knot derivatives; a raw value of 0 gives exactly 1."""
-    shift = math.log(math.expm1(1.0 - min_derivative))
-    return min_derivative + F.softplus(raw + shift)
+def _derivative_shift(min_derivative: float) -> float:
+    """Offset making a raw derivative of 0 give exactly 1: ``min + softplus(0 + shift) = 1``."""
+    return math.log(math.expm1(1.0 - min_derivative))
 
 
-def _gather(t: Tensor, idx: Tensor) -> Tensor:
-    return torch.gather(t, -1, idx).squeeze(-1)
+def _empty_in_layout(shape: torch.Size, stride: tuple[int, ...], like: Tensor) -> Tensor:
+    """An uninitialised dense tensor of ``shape`` whose dimensions are ordered in memory as
+    ``stride`` orders them (so a gradient has the layout of the tensor it belongs to)."""
+    order = sorted(range(len(shape)), key=lambda i: -stride[i])
+    dense = like.new_empty([shape[i] for i in order])
+    return dense.permute([order.index(i) for i in range(len(shape))])
 
 
-def _bin_index(knots: Tensor, v: Tensor) -> Tensor:
-    """Index of the bin holding ``v`` (clamped to the valid range), shape ``v.shape + (1,)``."""
-    # Counting interior knots below v: no searchsorted contiguity rules, broadcasts freely.
-    return (v.unsqueeze(-1) >= knots[..., 1:-1]).sum(dim=-1, keepdim=True)
+def _threshold_matrix(k: int, min_size: float, span: float, like: Tensor) -> Tensor:
+    """``M`` with ``(M @ e)[j - 1] = span * z * F[j]`` for the interior knots ``j = 1..k-1``.
 
-
-def _rqs(
-    x: Tensor,
-    widths: Tensor,
-    heights: Tensor,
-    derivatives: Tensor,
-    xk: Tensor,
-    yk: Tensor,
-    inverse: bool,
-) -> tuple[Tensor, Tensor]:
-    """Evaluate a monotone rational-quadratic spline inside its interval.
-
-    ``x`` must already lie in ``[xk[..., 0], xk[..., -1]]`` (or the y-range when ``inverse``).
-    ``derivatives`` holds the ``K + 1`` knot derivatives. Returns ``(y, log|dy/dx|)`` of the
-    requested direction.
+    ``F[j] = min_size * j + (1 - k * min_size) * sum(e[:j]) / z`` is the fraction of the
+    interval below knot ``j`` and ``z = sum(e)``; so ``M[j - 1, i] = span * (scale * [i < j]
+    + min_size * j)``, and comparing ``(v - low) * z`` with ``M @ e`` finds the bin of ``v``
+    without dividing by ``z``.
     """
-    shape = torch.broadcast_shapes(x.shape, widths.shape[:-1])
-    x = x.expand(shape)
-    widths, heights, derivatives, xk, yk = (
-        t.expand(shape + t.shape[-1:]) for t in (widths, heights, derivatives, xk, yk)
-    )
-    idx = _bin_index(yk if inverse else xk, x)
-    x_k, w_k = _gather(xk, idx), _gather(widths, idx)
-    y_k, h_k = _gather(yk, idx), _gather(heights, idx)
-    d_k = _gather(derivatives, idx)
-    d_k1 = _gather(derivatives, idx + 1)
-    s_k = h_k / w_k
-    two_s = d_k1 + d_k - 2.0 * s_k
+    m = like.new_ones((k - 1, k)).tril_().mul_(1.0 - k * min_size)
+    j = torch.arange(1, k, dtype=like.dtype, device=like.device).unsqueeze(1)
+    return m.add_(j, alpha=min_size).mul_(span)
 
+
+def _rq_values(
+    v: Tensor,
+    x_k: Tensor,
+    w_k: Tensor,
+    y_k: Tensor,
+    h_k: Tensor,
+    d0: Tensor,
+    d1: Tensor,
+    inverse: bool,
+) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+    """One rational-quadratic bin: ``(out, log|dy/dx|, saved)`` in the requested direction.
+
+    Written with fused operations (``addcmul``, ``addcdiv``) because at small batch sizes the
+    number of operations, not the arithmetic, sets the cost.
+    """
+    s = h_k / w_k
+    two_s = torch.add(d0, d1).sub_(s, alpha=2.0)  # d0 + d1 - 2 s
     if inverse:
-        dy = x - y_k
-        a = h_k * (s_k - d_k) + dy * two_s
-        b = h_k * d_k - dy * two_s
-        c = -s_k * dy
-        # Guard the discriminant (rounding can make it <= 0) and keep sqrt's gradient finite.
-        disc = b * b - 4.0 * a * c
-        positive = disc > 0
-        sqrt_disc = torch.where(positive, torch.sqrt(torch.where(positive, disc, 1.0)), 0.0)
-        # Root in [0, 1] without cancellation: a + b = h_k * s_k > 0, so a > 0 whenever b < 0.
-        neg_b = b < 0
-        num = torch.where(neg_b, sqrt_disc - b, 2.0 * c)
-        den = torch.where(neg_b, 2.0 * a, -b - sqrt_disc)
-        tiny = torch.finfo(x.dtype).tiny
-        den = torch.where(den.abs() > tiny, den, torch.where(neg_b, tiny, -tiny))
-        xi = torch.clamp(num / den, 0.0, 1.0)
-        out = x_k + xi * w_k
+        dy = v - y_k
+        a = torch.addcmul(dy * two_s, h_k, s - d0)
+        b = torch.addcmul(h_k * d0, dy, two_s, value=-1.0)
+        cp = s * dy  # c = -cp
+        sqrt_disc = torch.addcmul(b * b, a, cp, value=4.0).clamp_(min=0.0).sqrt_()
+        # Root in [0, 1] without cancellation: a + b = h_k * s > 0, so a > 0 whenever b < 0.
+        # Both forms give the same root; pick one by the sign of b with a 0/1 weight.
+        neg = (b < 0).to(b.dtype)
+        num = torch.add(sqrt_disc - b, cp, alpha=2.0).mul_(neg).sub_(cp, alpha=2.0)
+        bs = b + sqrt_disc
+        den = torch.add(bs, a, alpha=2.0).mul_(neg).sub_(bs)
+        den.add_(neg, alpha=2.0 * torch.finfo(v.dtype).tiny).sub_(torch.finfo(v.dtype).tiny)
+        xi = num.div_(den).clamp_(0.0, 1.0)
     else:
-        xi = torch.clamp((x - x_k) / w_k, 0.0, 1.0)
-        out = None
-
-    xi_1m = xi * (1.0 - xi)
-    denom = s_k + two_s * xi_1m
-    numer_d = d_k1 * xi * xi + 2.0 * s_k * xi_1m + d_k * (1.0 - xi) * (1.0 - xi)
-    log_dydx = 2.0 * torch.log(s_k) + torch.log(numer_d) - 2.0 * torch.log(denom)
+        xi = torch.sub(v, x_k).div_(w_k).clamp_(0.0, 1.0)
+    omx = 1.0 - xi
+    xi2 = xi * xi
+    omx2 = omx * omx
+    a_ = xi * omx
+    den = torch.addcmul(s, two_s, a_)
+    n1 = torch.addcmul(s * xi2, d0, a_)
+    nd = torch.addcmul(d1 * xi2, d0, omx2).addcmul_(s, a_, value=2.0)
+    r = s / den
+    log_dydx = r.mul_(r).mul_(nd).log_()  # log(s^2 nd / den^2), one logarithm
     if inverse:
-        return out, -log_dydx
-    y = y_k + h_k * (s_k * xi * xi + d_k * xi_1m) / denom
-    return y, log_dydx
+        out = torch.addcmul(x_k, xi, w_k)
+    else:
+        out = torch.addcdiv(y_k, h_k * n1, den)
+    return out, log_dydx, (xi, omx, xi2, omx2, a_, s, two_s, d0, d1, h_k, w_k, den, n1, nd)
+
+
+def _rq_grads(
+    saved: tuple[Tensor, ...], g_out: Tensor, g_ladj: Tensor, inverse: bool
+) -> tuple[Tensor, ...]:
+    """Gradients of one bin's ``(out, ladj)`` with respect to ``(v, x_k, w_k, y_k, h_k, d0, d1)``.
+
+    ``ladj`` is ``log|dy/dx|`` forward and ``-log|dy/dx|`` for the inverse. The inverse is
+    differentiated implicitly: ``xi`` solves ``Y(xi) = v``, so ``dxi = (dv - dY) / Y'(xi)``
+    with ``Y'(xi) = h_k * s * nd / den**2``. With ``A = xi (1 - xi)``:
+    ``den = s + (d0 + d1 - 2 s) A``, ``n1 = s xi^2 + d0 A``, ``Y = y_k + h_k n1 / den``,
+    ``nd = d1 xi^2 + 2 s A + d0 (1 - xi)^2`` and ``log|dy/dx| = log(s^2 nd / den^2)``.
+    """
+    xi, omx, xi2, omx2, a_, s, two_s, d0, d1, h_k, w_k, den, n1, nd = saved
+    rden = den.reciprocal()
+    one_m2xi = omx - xi
+    one_m2a = xi2 + omx2  # 1 - 2 A
+    dden_dxi = two_s * one_m2xi
+    half_dnd_dxi = torch.addcmul(d1 * xi, s, one_m2xi).addcmul_(d0, omx, value=-1.0)
+    if inverse:
+        # L = g_out * (x_k + xi w_k) - g_ladj * log|dy/dx|: explicit partials first.
+        g_nd = g_ladj / nd  # minus dL/dnd
+        g_den = torch.mul(g_ladj, rden).mul_(2.0)  # dL/dden
+        g_xi = torch.addcmul(g_out * w_k, g_den, dden_dxi).addcmul_(g_nd, half_dnd_dxi, value=-2.0)
+        g_s = torch.mul(g_den, one_m2a).addcmul_(g_nd, a_, value=-2.0)
+        g_s.addcdiv_(g_ladj, s, value=-2.0)
+        g_den_a = g_den * a_
+        g_d0 = torch.addcmul(g_den_a, g_nd, omx2, value=-1.0)
+        g_d1 = torch.addcmul(g_den_a, g_nd, xi2, value=-1.0)
+        # Implicit step: lam = (dL/dxi) / Y'(xi).
+        hr2 = h_k * rden * rden
+        lam = g_xi.div_(hr2 * s * nd)
+        lh = lam * hr2
+        g_s.addcmul_(lh, torch.addcmul(xi2 * den, n1, one_m2a, value=-1.0), value=-1.0)
+        lha = lh * a_
+        g_d0.addcmul_(lha, den - n1, value=-1.0)
+        g_d1.addcmul_(lha, n1)
+        g_s_w = g_s / w_k
+        g_hk = torch.addcmul(g_s_w, lam * n1, rden, value=-1.0)
+        g_wk = torch.addcmul(g_out * xi, g_s_w, s, value=-1.0)
+        return lam, g_out, g_wk, -lam, g_hk, g_d0, g_d1
+    g_n1 = g_out * h_k * rden
+    minus_g_den = torch.addcmul(2.0 * g_ladj, g_n1, n1).mul_(rden)
+    g_nd = g_ladj / nd
+    g_xi = torch.addcmul(d0 * one_m2xi, s, xi, value=2.0).mul_(g_n1)
+    g_xi.addcmul_(minus_g_den, dden_dxi, value=-1.0).addcmul_(g_nd, half_dnd_dxi, value=2.0)
+    g_s = torch.addcmul(g_n1 * xi2, minus_g_den, one_m2a, value=-1.0)
+    g_s.addcmul_(g_nd, a_, value=2.0).addcdiv_(g_ladj, s, value=2.0)
+    g_d0 = torch.sub(g_n1, minus_g_den).mul_(a_).addcmul_(g_nd, omx2)
+    g_d1 = torch.mul(g_nd, xi2).addcmul_(minus_g_den, a_, value=-1.0)
+    g_v = g_xi.div_(w_k)
+    g_s_w = g_s / w_k
+    g_wk = torch.addcmul(g_v * xi, g_s_w, s).neg_()
+    g_hk = torch.addcmul(g_s_w, g_out * n1, rden)
+    return g_v, -g_v, g_wk, g_out, g_hk, g_d0, g_d1
+
+
+class _RationalQuadratic(torch.autograd.Function):
+    """The fused spline: ``(x, theta) -> (y, ladj)`` with ``theta`` of shape ``(P, *x.shape)``.
+
+    ``theta`` stacks ``K`` raw widths, ``K`` raw heights and the raw derivatives along dim 0.
+    Widths and heights are processed together as ``(2, K, ...)`` tensors, and the two knots
+    around each input as pairs, so the whole spline costs about a hundred tensor operations
+    forward and as many backward, whatever the batch size.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        theta: Tensor,
+        k: int,
+        variant: str,
+        low: float,
+        high: float,
+        inverse: bool,
+        min_bin_width: float,
+        min_bin_height: float,
+        min_derivative: float,
+    ) -> tuple[Tensor, Tensor]:
+        span = high - low
+        shape = x.shape
+        if variant == "identity":  # identity tails; tail points are evaluated at 0 (interior)
+            v = x.clamp(low, high)
+            mask = (v == x).to(x.dtype)
+            v = v.mul_(mask)
+        elif variant == "free":
+            v = x.clamp(low, high)
+            mask = (v == x).to(x.dtype)
+        else:
+            v = torch.remainder(x - low, span).add_(low)
+            mask = None
+
+        # Unnormalised softmax of widths and heights together: e (2, K, ...), z (2, ...).
+        raw = theta[: 2 * k].unflatten(0, (2, k))
+        e = raw.new_empty(raw.shape)
+        torch.sub(raw, raw.amax(1, keepdim=True), out=e).mul_(_LOG2E).exp2_()
+        z = e.sum(1)
+
+        # Bin index: the number of interior knots at or below v (see `_threshold_matrix`).
+        side = 1 if inverse else 0
+        if k > 1:
+            min_size = min_bin_height if inverse else min_bin_width
+            rhs = _threshold_matrix(k, min_size, span, e) @ e[side].reshape(k, -1)
+            above = torch.empty_like(rhs)
+            torch.ge(torch.sub(v, low).mul_(z[side]).reshape(1, -1), rhs, out=above)
+            idx = above.sum(0).view(shape)
+        else:
+            idx = torch.zeros_like(v)
+
+        # Masks [j < idx] and [j <= idx], shape (2, K, ...); the first knot and its successor.
+        steps = torch.arange(-1.0, k, dtype=e.dtype, device=e.device)
+        steps = torch.stack([steps[1:], steps[:-1]]).view((2, k) + (1,) * len(shape))
+        masks = torch.empty((2, k) + shape, dtype=e.dtype, device=e.device)
+        torch.sub(idx, steps, out=masks).clamp_(0.0, 1.0)
+        not_last = torch.sub(k - 1.0, idx).clamp_(max=1.0)
+
+        # Knot fractions f[side, (lo, hi)] = min * (idx, idx + 1) + scale * (sum below) / z.
+        # One scratch buffer takes every (2, K, ...) product: no large temporaries.
+        scratch = torch.empty_like(e)
+        below = torch.mul(e, masks[0], out=scratch).sum(1)
+        upto = torch.mul(e, masks[1], out=scratch).sum(1)
+        partial = torch.stack([below, upto], 1)  # (2 sides, 2 knots, ...)
+        knots = torch.stack([idx, idx + 1.0])
+        if min_bin_width == min_bin_height:
+            scale = 1.0 - k * min_bin_width
+            f = torch.addcdiv(knots * min_bin_width, partial, z.unsqueeze(1), value=scale)
+        else:
+            sizes = torch.tensor([min_bin_width, min_bin_height], dtype=e.dtype, device=e.device)
+            sizes = sizes.view((2, 1) + (1,) * len(shape))
+            f = torch.addcdiv(knots * sizes, partial * (1.0 - k * sizes), z.unsqueeze(1))
+        f[:, 1].sub_(1.0).mul_(not_last).add_(1.0)  # the last knot is exactly 1
+        f = f.mul_(span)
+        start = f[:, 0] + low  # (x_k, y_k)
+        size = f[:, 1] - f[:, 0]  # (w_k, h_k)
+        x_k, y_k = start.unbind(0)
+        w_k, h_k = size.unbind(0)
+
+        # Derivatives at the two knots: one-hot sums of the raw values, then softplus.
+        one_hot = masks[1] - masks[0]  # [j == idx]
+        raw_d = theta[2 * k :]
+        tmp = scratch[0]
+        if variant == "identity":  # raw_d holds knots 1..k-1; the ends are fixed at 1
+            lo = torch.mul(raw_d, one_hot[1:], out=tmp[: k - 1]).sum(0)
+            hi = torch.mul(raw_d, one_hot[:-1], out=tmp[: k - 1]).sum(0)
+            valid = torch.stack([idx.clamp(max=1.0), not_last])
+        elif variant == "free":  # raw_d holds knots 0..k
+            lo = torch.mul(raw_d[:-1], one_hot, out=tmp).sum(0)
+            hi = torch.mul(raw_d[1:], one_hot, out=tmp).sum(0)
+            valid = None
+        else:  # circular: raw_d holds knots 0..k-1, knot k is knot 0
+            lo = torch.mul(raw_d, one_hot, out=tmp).sum(0)
+            hi = torch.mul(raw_d[1:], one_hot[:-1], out=tmp[: k - 1]).sum(0)
+            hi.addcmul_(raw_d[0], one_hot[-1])
+            valid = None
+        pre = torch.stack([lo, hi]).add_(_derivative_shift(min_derivative))  # (2, ...)
+        d = F.softplus(pre).add_(min_derivative)
+        if valid is not None:
+            d = d.sub_(1.0).mul_(valid).add_(1.0)
+        d0, d1 = d.unbind(0)
+
+        out, ladj, saved = _rq_values(v, x_k, w_k, y_k, h_k, d0, d1, inverse)
+        if inverse:
+            ladj = ladj.neg_()
+        if variant == "identity":
+            out = torch.addcmul(out.mul_(mask), x, 1.0 - mask)
+            ladj = ladj.mul_(mask)
+        elif variant == "free" and inverse:  # zero density outside the interval
+            ladj = torch.where(mask > 0, ladj, -math.inf)
+
+        ctx.config = (k, variant, span, min_bin_width, min_bin_height, inverse)
+        ctx.theta_shape, ctx.theta_stride = theta.shape, theta.stride()
+        ctx.save_for_backward(
+            x.new_ones(()) if mask is None else mask,
+            e, z, masks, partial, not_last, one_hot, pre,
+            x.new_ones(()) if valid is None else valid, *saved,
+        )  # fmt: skip
+        return out, ladj
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g_out: Tensor, g_ladj: Tensor) -> tuple[Tensor | None, ...]:
+        k, variant, span, min_bin_width, min_bin_height, inverse = ctx.config
+        mask, e, z, masks, partial, not_last, one_hot, pre, valid, *saved = ctx.saved_tensors
+        if variant == "identity":
+            g_in = g_out * mask
+            g_outside = g_out - g_in
+            g_out, g_ladj = g_in, g_ladj * mask
+        elif variant == "free" and inverse:
+            g_ladj = g_ladj * mask
+        g_v, g_xk, g_wk, g_yk, g_hk, g_d0, g_d1 = _rq_grads(tuple(saved), g_out, g_ladj, inverse)
+
+        g_x = None
+        if ctx.needs_input_grad[0]:
+            if variant == "identity":
+                g_x = g_v.add_(g_outside)
+            elif variant == "free":
+                g_x = g_v.mul_(mask)
+            else:
+                g_x = g_v
+        if not ctx.needs_input_grad[1]:
+            return (g_x,) + (None,) * 9
+
+        # Eager: write the gradient straight into a tensor laid out like theta. Compiled: build
+        # it out of place (dynamo refuses non-contiguous out= tensors; inductor fuses anyway).
+        if torch.compiler.is_compiling():
+            g_theta = e.new_empty(ctx.theta_shape)
+        else:
+            g_theta = _empty_in_layout(ctx.theta_shape, ctx.theta_stride, e)
+        # Knot fractions: g_f[side, (lo, hi)]; start = low + span f_lo, size = span (f_hi - f_lo).
+        g_start = torch.stack([g_xk, g_yk])
+        g_size = torch.stack([g_wk, g_hk])
+        g_f = torch.stack([g_start - g_size, g_size * not_last]).transpose(0, 1)
+        if min_bin_width == min_bin_height:
+            coef = g_f * ((span * (1.0 - k * min_bin_width)) / z).unsqueeze(1)
+        else:
+            sizes = torch.tensor([min_bin_width, min_bin_height], dtype=e.dtype, device=e.device)
+            scale = (1.0 - k * sizes).view((2,) + (1,) * (z.dim() - 1))
+            coef = g_f * (span * scale / z).unsqueeze(1)
+        # f_lo = ... + scale * sum(e[j] [j < idx]) / z, so d f_lo / d raw_j is
+        # scale * e_j / z * ([j < idx] - partial_lo / z); likewise f_hi with [j <= idx].
+        gamma = (coef * partial).sum(1).div_(z).unsqueeze(1)
+        g_raw = g_theta[: 2 * k].unflatten(0, (2, k))
+        torch.mul(masks[0], coef[:, 0].unsqueeze(1), out=g_raw)
+        g_raw.addcmul_(masks[1], coef[:, 1].unsqueeze(1)).sub_(gamma).mul_(e)
+
+        # Derivatives: d = min + softplus(pre), spread back onto the picked raw values.
+        g_lo, g_hi = torch.stack([g_d0, g_d1]).mul_(torch.sigmoid(pre)).unbind(0)
+        g_d = g_theta[2 * k :]
+        if variant == "identity":
+            g_lo, g_hi = g_lo * valid[0], g_hi * valid[1]
+            torch.mul(one_hot[1:], g_lo, out=g_d)
+            g_d.addcmul_(one_hot[:-1], g_hi)
+        elif variant == "free":
+            g_d.zero_()
+            g_d[:-1].addcmul_(one_hot, g_lo)
+            g_d[1:].addcmul_(one_hot, g_hi)
+        else:
+            torch.mul(one_hot, g_lo, out=g_d)
+            g_d[1:].addcmul_(one_hot[:-1], g_hi)
+            g_d[0].addcmul_(one_hot[-1], g_hi)
+        return (g_x, g_theta) + (None,) * 8
+
+
+def _raw_count(variant: str, k: int) -> int:
+    """Number of raw derivative parameters of a spline variant with ``k`` bins."""
+    return {"identity": k - 1, "free": k + 1, "circular": k}[variant]
+
+
+def packed_spline(
+    x: Tensor,
+    theta: Tensor,
+    *,
+    count_bins: int,
+    variant: str = "identity",
+    low: float = -5.0,
+    high: float = 5.0,
+    inverse: bool = False,
+    min_bin_width: float = DEFAULT_MIN_BIN_WIDTH,
+    min_bin_height: float = DEFAULT_MIN_BIN_HEIGHT,
+    min_derivative: float = DEFAULT_MIN_DERIVATIVE,
+) -> tuple[Tensor, Tensor]:
+    """The spline with parameters first: ``theta`` of shape ``(P, *S)`` for ``x`` of shape ``S``.
+
+    The engine behind the three public functions and the spline transformers. ``theta``
+    stacks the raw widths (``count_bins``), heights (``count_bins``) and derivatives (see
+    `raw_count`) along its first dimension; its other dimensions broadcast with ``x``.
+    ``variant`` is ``"identity"`` (identity tails outside ``[low, high]``), ``"free"`` (a
+    bijection of ``[low, high]``) or ``"circular"``. Laying ``theta`` out so that its last
+    dimensions are contiguous (a conditioner's output computed as ``W @ h.T``) makes every
+    operation over the bins a sum of contiguous slabs.
+
+    Returns:
+        ``(y, log|dy/dx|)`` of shape ``broadcast(S, theta.shape[1:])``.
+    """
+    expected = 2 * count_bins + _raw_count(variant, count_bins)
+    if theta.dim() == 0 or theta.shape[0] != expected:
+        raise ValueError(
+            f"expected {expected} spline parameters first, got theta of shape {tuple(theta.shape)}"
+        )
+    shape = torch.broadcast_shapes(x.shape, theta.shape[1:])
+    if x.shape != shape:
+        x = x.expand(shape)
+    if theta.shape[1:] != shape:
+        missing = len(shape) - (theta.dim() - 1)  # batch dims are aligned on the right
+        theta = theta.view(theta.shape[:1] + (1,) * missing + theta.shape[1:])
+        theta = theta.expand(theta.shape[:1] + shape)
+    return _RationalQuadratic.apply(
+        x,
+        theta,
+        count_bins,
+        variant,
+        float(low),
+        float(high),
+        bool(inverse),
+        float(min_bin_width),
+        float(min_bin_height),
+        float(min_derivative),
+    )
+
+
+def _pack(widths: Tensor, heights: Tensor, derivatives: Tensor) -> Tensor:
+    """``(..., K) x 2 + (..., n)`` raw parameters as one ``(2K + n, ...)`` tensor."""
+    batch = torch.broadcast_shapes(widths.shape[:-1], heights.shape[:-1], derivatives.shape[:-1])
+    parts = [t.expand(batch + t.shape[-1:]) for t in (widths, heights, derivatives)]
+    return torch.cat(parts, dim=-1).movedim(-1, 0)
 
 
 def _check_raw(raw_w: Tensor, raw_h: Tensor, raw_d: Tensor, num_derivatives: int) -> None:
@@ -225,15 +536,21 @@ def rational_quadratic_spline(
         unnormalized_derivatives,
         unnormalized_widths.shape[-1] - 1,
     )
-    widths, xk = _knots(unnormalized_widths, -bound, bound, min_bin_width)
-    heights, yk = _knots(unnormalized_heights, -bound, bound, min_bin_height)
-    inner = _derivatives(unnormalized_derivatives, min_derivative)
-    derivatives = F.pad(inner, (1, 1), value=1.0)
-    inside = (x >= -bound) & (x <= bound)
     # Tail points are evaluated at 0 (a safe interior value) and then discarded: clamping them
     # onto the bound would put them where the inverse's discriminant cancels in float32.
-    y, ladj = _rqs(torch.where(inside, x, 0.0), widths, heights, derivatives, xk, yk, inverse)
-    return torch.where(inside, y, x), torch.where(inside, ladj, torch.zeros_like(ladj))
+    theta = _pack(unnormalized_widths, unnormalized_heights, unnormalized_derivatives)
+    return packed_spline(
+        x,
+        theta,
+        count_bins=unnormalized_widths.shape[-1],
+        variant="identity",
+        low=-bound,
+        high=bound,
+        inverse=inverse,
+        min_bin_width=min_bin_width,
+        min_bin_height=min_bin_height,
+        min_derivative=min_derivative,
+    )
 
 
 def bounded_rational_quadratic_spline(
@@ -275,14 +592,19 @@ def bounded_rational_quadratic_spline(
         unnormalized_derivatives,
         unnormalized_widths.shape[-1] + 1,
     )
-    widths, xk = _knots(unnormalized_widths, low, high, min_bin_width)
-    heights, yk = _knots(unnormalized_heights, low, high, min_bin_height)
-    derivatives = _derivatives(unnormalized_derivatives, min_derivative)
-    y, ladj = _rqs(x.clamp(low, high), widths, heights, derivatives, xk, yk, inverse)
-    if inverse:  # the map is undefined outside the interval: zero density there
-        outside = (x < low) | (x > high)
-        ladj = torch.where(outside, torch.full_like(ladj, -math.inf), ladj)
-    return y, ladj
+    theta = _pack(unnormalized_widths, unnormalized_heights, unnormalized_derivatives)
+    return packed_spline(
+        x,
+        theta,
+        count_bins=unnormalized_widths.shape[-1],
+        variant="free",
+        low=low,
+        high=high,
+        inverse=inverse,
+        min_bin_width=min_bin_width,
+        min_bin_height=min_bin_height,
+        min_derivative=min_derivative,
+    )
 
 
 def circular_rational_quadratic_spline(
@@ -324,9 +646,16 @@ def circular_rational_quadratic_spline(
         unnormalized_derivatives,
         unnormalized_widths.shape[-1],
     )
-    widths, xk = _knots(unnormalized_widths, -bound, bound, min_bin_width)
-    heights, yk = _knots(unnormalized_heights, -bound, bound, min_bin_height)
-    d = _derivatives(unnormalized_derivatives, min_derivative)
-    derivatives = torch.cat([d, d[..., :1]], dim=-1)
-    wrapped = torch.remainder(x + bound, 2.0 * bound) - bound
-    return _rqs(wrapped, widths, heights, derivatives, xk, yk, inverse)
+    theta = _pack(unnormalized_widths, unnormalized_heights, unnormalized_derivatives)
+    return packed_spline(
+        x,
+        theta,
+        count_bins=unnormalized_widths.shape[-1],
+        variant="circular",
+        low=-bound,
+        high=bound,
+        inverse=inverse,
+        min_bin_width=min_bin_width,
+        min_bin_height=min_bin_height,
+        min_derivative=min_derivative,
+    )

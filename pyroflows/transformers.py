@@ -35,10 +35,8 @@ from .splines import (
     DEFAULT_MIN_BIN_HEIGHT,
     DEFAULT_MIN_BIN_WIDTH,
     DEFAULT_MIN_DERIVATIVE,
-    bounded_rational_quadratic_spline,
     check_spline_args,
-    circular_rational_quadratic_spline,
-    rational_quadratic_spline,
+    packed_spline,
 )
 
 __all__ = [
@@ -64,6 +62,17 @@ class Transformer(ABC):
     @abstractmethod
     def inverse(self, params: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Invert `forward`; return ``(x, log|dx/dy|)``."""
+
+    def call_params_first(self, theta: Tensor, v: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        """`forward` or `inverse` with parameters first: ``theta`` is ``(num_params, *v.shape)``.
+
+        This is how `Coupling` and `Autoregressive` call a transformer: their conditioners
+        produce each parameter as a contiguous slab, batch innermost. The default moves the
+        parameter dimension last (a view) and calls `forward`/`inverse`; transformers whose
+        parameters feed a fused kernel (the splines) take ``theta`` as it is.
+        """
+        params = theta.movedim(0, -1)
+        return self.inverse(params, v) if inverse else self.forward(params, v)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
@@ -145,16 +154,39 @@ class _SplineBase(Transformer):
     def num_params(self) -> int:  # type: ignore[override]
         return 3 * self.count_bins + self._extra_derivatives
 
-    def _split(self, params: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        k = self.count_bins
-        return params.split([k, k, k + self._extra_derivatives], dim=-1)
+    _variant: str  # the variant of `pyroflows.splines.packed_spline`
 
-    def _kwargs(self) -> dict[str, float]:
-        return {
-            "min_bin_width": self.min_bin_width,
-            "min_bin_height": self.min_bin_height,
-            "min_derivative": self.min_derivative,
-        }
+    def _interval(self) -> tuple[float, float]:
+        raise NotImplementedError
+
+    def call_params_first(self, theta: Tensor, v: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        low, high = self._interval()
+        return packed_spline(
+            v,
+            theta,
+            count_bins=self.count_bins,
+            variant=self._variant,
+            low=low,
+            high=high,
+            inverse=inverse,
+            min_bin_width=self.min_bin_width,
+            min_bin_height=self.min_bin_height,
+            min_derivative=self.min_derivative,
+        )
+
+    def _checked(self, params: Tensor) -> Tensor:
+        if params.dim() == 0 or params.shape[-1] != self.num_params:
+            raise ValueError(
+                f"{type(self).__name__} needs {self.num_params} parameters per element, got "
+                f"params of shape {tuple(params.shape)}"
+            )
+        return params.movedim(-1, 0)
+
+    def forward(self, params: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.call_params_first(self._checked(params), x, inverse=False)
+
+    def inverse(self, params: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        return self.call_params_first(self._checked(params), y, inverse=True)
 
 
 class RationalQuadraticSpline(_SplineBase):
@@ -171,6 +203,10 @@ class RationalQuadraticSpline(_SplineBase):
     """
 
     _extra_derivatives = -1
+    _variant = "identity"
+
+    def _interval(self) -> tuple[float, float]:
+        return -self.bound, self.bound
 
     def __init__(
         self,
@@ -183,16 +219,6 @@ class RationalQuadraticSpline(_SplineBase):
         super().__init__(count_bins, min_bin_width, min_bin_height, min_derivative)
         check_spline_args(count_bins, bound=bound)
         self.bound = float(bound)
-
-    def forward(self, params: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-        return rational_quadratic_spline(
-            x, *self._split(params), bound=self.bound, **self._kwargs()
-        )
-
-    def inverse(self, params: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        return rational_quadratic_spline(
-            y, *self._split(params), bound=self.bound, inverse=True, **self._kwargs()
-        )
 
 
 class BoundedRationalQuadraticSpline(_SplineBase):
@@ -210,6 +236,10 @@ class BoundedRationalQuadraticSpline(_SplineBase):
     """
 
     _extra_derivatives = 1
+    _variant = "free"
+
+    def _interval(self) -> tuple[float, float]:
+        return self.low, self.high
 
     def __init__(
         self,
@@ -226,16 +256,6 @@ class BoundedRationalQuadraticSpline(_SplineBase):
         self.low = float(low)
         self.high = float(high)
 
-    def forward(self, params: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-        return bounded_rational_quadratic_spline(
-            x, *self._split(params), low=self.low, high=self.high, **self._kwargs()
-        )
-
-    def inverse(self, params: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        return bounded_rational_quadratic_spline(
-            y, *self._split(params), low=self.low, high=self.high, inverse=True, **self._kwargs()
-        )
-
 
 class CircularRationalQuadraticSpline(_SplineBase):
     """Rational-quadratic diffeomorphism of the circle ``[-bound, bound)``, for angles.
@@ -251,6 +271,10 @@ class CircularRationalQuadraticSpline(_SplineBase):
     """
 
     _extra_derivatives = 0
+    _variant = "circular"
+
+    def _interval(self) -> tuple[float, float]:
+        return -self.bound, self.bound
 
     def __init__(
         self,
@@ -263,13 +287,3 @@ class CircularRationalQuadraticSpline(_SplineBase):
         super().__init__(count_bins, min_bin_width, min_bin_height, min_derivative)
         check_spline_args(count_bins, bound=bound)
         self.bound = float(bound)
-
-    def forward(self, params: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-        return circular_rational_quadratic_spline(
-            x, *self._split(params), bound=self.bound, **self._kwargs()
-        )
-
-    def inverse(self, params: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        return circular_rational_quadratic_spline(
-            y, *self._split(params), bound=self.bound, inverse=True, **self._kwargs()
-        )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from ..conditioners import MADE
@@ -98,36 +99,51 @@ class _AutoregressiveTransform(FlowTransform):
         super().__init__()
         self.layer, self.context = layer, context
 
-    def _prepare(self, v: Tensor) -> tuple[Tensor, Tensor | None]:
+    def _rows(self, v: Tensor) -> tuple[Tensor, Tensor | None, torch.Size]:
+        """``v`` and the context as rows ``(N, D)``/``(N, C)``, and the batch shape."""
         check_event(v, self.layer.input_dim)
-        return broadcast_context(v, self.context)
+        v, context = broadcast_context(v, self.context)
+        batch = v.shape[:-1]
+        rows = v.reshape(-1, self.layer.input_dim)
+        if context is not None:
+            context = context.reshape(-1, context.shape[-1])
+        return rows, context, batch
 
-    def _params(self, v: Tensor, context: Tensor | None) -> Tensor:
-        return self.layer.conditioner(v, context)
+    def _step(
+        self, source: Tensor, target: Tensor, context: Tensor | None, inverse: bool
+    ) -> tuple[Tensor, Tensor]:
+        """Transform ``target`` (rows) with parameters computed from ``source`` (rows).
+
+        The MADE writes each parameter as a contiguous ``(D, N)`` slab and the transformer
+        works on ``(D, N)`` columns; the results come back as rows and ``(N,)`` log-dets.
+        """
+        layer = self.layer
+        theta = layer.conditioner(source, context).permute(2, 1, 0)  # (P, D, N), no copy
+        out, ladj = layer.transformer.call_params_first(theta, target.t(), inverse)
+        return out.t(), ladj.sum(0)
 
     def _solve(self, u: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
         """The expensive direction: ``D`` passes, fixing one more feature each pass."""
-        step = self.layer.transformer.inverse if inverse else self.layer.transformer.forward
-        v = u.new_zeros(u.shape)
+        v = torch.zeros_like(u)
         for _ in range(self.layer.input_dim):
-            v, ladj = step(self._params(v, context), u)
-        return v, ladj.sum(-1)
+            v, ladj = self._step(v, u, context, inverse)
+        return v, ladj
+
+    def _apply(self, v: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        rows, context, batch = self._rows(v)
+        if self.layer.invert != inverse:  # parameters come from the output: D passes
+            out, ladj = self._solve(rows, context, inverse)
+        else:  # parameters come from the input: one pass
+            out, ladj = self._step(rows, rows, context, inverse)
+        return out.reshape(batch + (self.layer.input_dim,)), ladj.reshape(batch)
 
     def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        x, context = self._prepare(x)
-        if self.layer.invert:  # MAF: parameters come from the output
-            return self._solve(x, context, inverse=False)
-        y, ladj = self.layer.transformer.forward(self._params(x, context), x)
-        return y, ladj.sum(-1)
+        return self._apply(x, inverse=False)
 
     def inv_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        y, context = self._prepare(y)
-        if not self.layer.invert:  # IAF: parameters come from the input
-            return self._solve(y, context, inverse=True)
-        x, ladj = self.layer.transformer.inverse(self._params(y, context), y)
-        return x, ladj.sum(-1)
+        return self._apply(y, inverse=True)
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
-        x, context = self._prepare(x)
-        params = self._params(y if self.layer.invert else x, context)
-        return self.layer.transformer.forward(params, x)[1].sum(-1)
+        rows, context, batch = self._rows(x)
+        source = self._rows(y)[0] if self.layer.invert else rows
+        return self._step(source, rows, context, inverse=False)[1].reshape(batch)

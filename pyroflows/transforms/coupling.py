@@ -72,6 +72,7 @@ class Coupling(FlowModule):
         self.register_buffer("mask", mask)
         self.register_buffer("idx_id", idx_id)
         self.register_buffer("idx_tr", idx_tr)
+        # Unused since the merge became one index_copy; kept so saved state dicts still load.
         self.register_buffer("merge_index", torch.argsort(torch.cat([idx_id, idx_tr])))
         self.num_transformed = len(idx_tr)
         if conditioner is None:
@@ -82,6 +83,7 @@ class Coupling(FlowModule):
                 context_features=context_dim,
                 activation=activation,
             )
+            conditioner.batch_innermost = True
         self.conditioner = conditioner
 
     def extra_repr(self) -> str:
@@ -100,23 +102,26 @@ class _CouplingTransform(FlowTransform):
         super().__init__()
         self.layer, self.context = layer, context
 
-    def _split(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _apply(self, x: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         layer = self.layer
         check_event(x, layer.input_dim)
         x, context = broadcast_context(x, self.context)
-        x_id, x_tr = x.index_select(-1, layer.idx_id), x.index_select(-1, layer.idx_tr)
-        params = layer.conditioner(x_id, context)
-        return x_id, x_tr, params.unflatten(-1, (layer.num_transformed, -1))
-
-    def _merge(self, x_id: Tensor, y_tr: Tensor) -> Tensor:
-        return torch.cat([x_id, y_tr], dim=-1).index_select(-1, self.layer.merge_index)
+        batch = x.shape[:-1]
+        # Work on rows: (N, D) data, (N, C) context, and parameters laid out parameter-first,
+        # (num_params, n_tr, N), which is how the transformer reads them fastest.
+        rows = x.reshape(-1, layer.input_dim)
+        context = None if context is None else context.reshape(-1, context.shape[-1])
+        x_id = rows.index_select(1, layer.idx_id)
+        x_tr = rows.t().index_select(0, layer.idx_tr)  # (n_tr, N)
+        # The default MLP returns a transposed view, so this is (P, n_tr, N) without a copy.
+        theta = layer.conditioner(x_id, context).t()
+        theta = theta.view(layer.num_transformed, -1, rows.shape[0]).transpose(0, 1)
+        y_tr, ladj = layer.transformer.call_params_first(theta, x_tr, inverse)
+        y = rows.index_copy(1, layer.idx_tr, y_tr.t())
+        return y.reshape(batch + (layer.input_dim,)), ladj.sum(0).reshape(batch)
 
     def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        x_id, x_tr, params = self._split(x)
-        y_tr, ladj = self.layer.transformer.forward(params, x_tr)
-        return self._merge(x_id, y_tr), ladj.sum(-1)
+        return self._apply(x, inverse=False)
 
     def inv_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        y_id, y_tr, params = self._split(y)
-        x_tr, ladj = self.layer.transformer.inverse(params, y_tr)
-        return self._merge(y_id, x_tr), ladj.sum(-1)
+        return self._apply(y, inverse=True)
