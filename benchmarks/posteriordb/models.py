@@ -120,11 +120,22 @@ def _student_t(x: Tensor, nu: float, loc: float, scale: float) -> Tensor:
     return -(nu + 1) / 2 * torch.log1p(((x - loc) / scale) ** 2 / nu)
 
 
-def _ols(X: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """Least-squares coefficients and residual sd."""
+def _ols(X: Tensor, y: Tensor, prior_sd: Tensor | float | None = None,
+         prior_mean: Tensor | float = 0.0) -> tuple[Tensor, Tensor]:
+    """Regression coefficients and residual sd, used as initial values.
+
+    Least squares; with ``prior_sd`` (per coefficient, ``inf`` for flat) the posterior mode
+    given the least-squares residual sd (ridge regression towards ``prior_mean``), which
+    differs from least squares along poorly identified directions (diamonds).
+    """
     coef = torch.linalg.lstsq(X, y.unsqueeze(-1)).solution.squeeze(-1)
-    resid = y - X @ coef
-    return coef, resid.std()
+    s = (y - X @ coef).std()
+    if prior_sd is not None:
+        prec = torch.as_tensor(prior_sd, dtype=DTYPE).expand(X.shape[-1]) ** -2
+        mean = torch.as_tensor(prior_mean, dtype=DTYPE).expand(X.shape[-1])
+        A = X.T @ X / s**2 + torch.diag(prec)
+        coef = torch.linalg.solve(A, X.T @ y / s**2 + prec * mean)
+    return coef, (y - X @ coef).std()
 
 
 def _split(x: Tensor, sizes: dict[str, int | None]) -> Params:
@@ -179,7 +190,7 @@ def _ark_log_density(p: Params, data: Data) -> Tensor:
 
 def _ark_init(data: Data) -> Params:
     X = torch.cat([torch.ones_like(data["y"]).unsqueeze(-1), data["lags"]], dim=-1)
-    coef, s = _ols(X, data["y"])
+    coef, s = _ols(X, data["y"], prior_sd=10.0)
     return {"alpha": coef[0], "beta": coef[1:], "sigma": s}
 
 
@@ -317,7 +328,9 @@ def _diamonds_log_density(p: Params, data: Data) -> Tensor:
 
 def _diamonds_init(data: Data) -> Params:
     X = torch.cat([torch.ones_like(data["Y"]).unsqueeze(-1), data["Xc"]], dim=-1)
-    coef, s = _ols(X, data["Y"])
+    prior_sd = torch.cat([_t([10.0]), torch.ones(X.shape[-1] - 1, dtype=DTYPE)])
+    coef, s = _ols(X, data["Y"], prior_sd=prior_sd, prior_mean=torch.cat(
+        [_t([8.0]), torch.zeros(X.shape[-1] - 1, dtype=DTYPE)]))
     return {"b": coef[1:], "Intercept": coef[0], "sigma": s}
 
 
@@ -450,7 +463,9 @@ def _kilpis_log_density(p: Params, data: Data) -> Tensor:
 
 def _kilpis_init(data: Data) -> Params:
     X = torch.stack([torch.ones_like(data["x"]), data["x"]], dim=-1)
-    coef, s = _ols(X, data["y"])
+    prior_sd = torch.stack([data["psalpha"], data["psbeta"]])
+    prior_mean = torch.stack([data["pmualpha"], data["pmubeta"]])
+    coef, s = _ols(X, data["y"], prior_sd=prior_sd, prior_mean=prior_mean)
     return {"alpha": coef[0], "beta": coef[1], "sigma": s}
 
 
@@ -523,7 +538,7 @@ def _blr_log_density(p: Params, data: Data) -> Tensor:
 
 
 def _blr_init(data: Data) -> Params:
-    coef, s = _ols(data["X"], data["y"])
+    coef, s = _ols(data["X"], data["y"], prior_sd=10.0)
     return {"beta": coef, "sigma": s}
 
 

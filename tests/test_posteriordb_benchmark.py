@@ -1,0 +1,67 @@
+"""CI smoke test of ``benchmarks/posteriordb/run.py --quick`` (two posteriors, five guides)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "posteriordb"
+BENCH = ROOT / "benchmarks" / "posteriordb"
+
+pytestmark = pytest.mark.skipif(
+    not DATA.is_dir(), reason=f"posteriordb data not found at {DATA}"
+)
+
+
+def _load_runner():
+    if str(BENCH) not in sys.path:  # run.py imports models.py and metrics.py by name
+        sys.path.insert(0, str(BENCH))
+    key = "_posteriordb_run"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, BENCH / "run.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[key]
+            raise
+    return sys.modules[key]
+
+
+def test_quick_run(tmp_path, capsys):
+    run = _load_runner()
+    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
+    out_file = tmp_path / "table.md"
+    out = run.main(["--quick", "--data", str(DATA), "--out", str(out_file)])
+    assert torch.get_default_dtype() == dtype and torch.get_num_threads() == threads
+
+    names, guides = list(run.QUICK_POSTERIORS), list(run.QUICK_GUIDES)
+    assert list(out["results"]) == names
+    for name in names:
+        row = out["results"][name]
+        assert math.isfinite(row["noise_floor"]["sliced_w2"])
+        assert set(row["guides"]) == set(guides)
+        for guide, cell in row["guides"].items():
+            for key in ("sliced_w2", "energy", "z_mean", "log_sd", "khat", "fit_seconds"):
+                assert math.isfinite(cell[key]), (name, guide, key, cell)
+            assert cell["finite"] == 1.0
+
+    # the Markdown table: a header with every guide, one row per posterior
+    table = out_file.read_text()
+    header = next(line for line in table.splitlines() if line.startswith("| posterior"))
+    assert [c.strip() for c in header.strip("|").split("|")] == ["posterior", "noise floor",
+                                                                  *guides]
+    for name in names:
+        row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
+        assert len(row.strip("|").split("|")) == len(guides) + 2
+    assert table.splitlines()[0] in capsys.readouterr().out
+    saved = json.loads(out_file.with_suffix(".json").read_text())
+    assert saved["table"] == out["table"] and saved["settings"]["steps"] == out["settings"]["steps"]
