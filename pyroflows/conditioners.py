@@ -59,6 +59,15 @@ def join_context(x: Tensor, context: Tensor | None) -> Tensor:
     )
 
 
+def _activation(activation: Callable[[], nn.Module], inplace: bool = True) -> nn.Module:
+    """An activation module; a plain ``nn.ReLU`` works in place (its input is a fresh layer
+    output that nothing else reads), which saves an allocation per layer and call."""
+    module = activation()
+    if inplace and type(module) is nn.ReLU:
+        module.inplace = True
+    return module
+
+
 def _check_dims(hidden_dims: Sequence[int]) -> tuple[int, ...]:
     if isinstance(hidden_dims, int):
         hidden_dims = (hidden_dims,)
@@ -114,7 +123,7 @@ class MLP(nn.Module):
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=False)):
             if i:
-                layers.append(activation())
+                layers.append(_activation(activation))
             layers.append(nn.Linear(a, b))
         self.net = nn.Sequential(*layers)
         if zero_init:
@@ -144,8 +153,9 @@ class MaskedLinear(nn.Linear):
 class _MaskedResidualBlock(nn.Module):
     def __init__(self, mask: Tensor, activation: Callable[[], nn.Module]):
         super().__init__()
-        self.act1, self.lin1 = activation(), MaskedLinear(mask)
-        self.act2, self.lin2 = activation(), MaskedLinear(mask)
+        # act1 must not work in place: its input h is also the residual.
+        self.act1, self.lin1 = _activation(activation, inplace=False), MaskedLinear(mask)
+        self.act2, self.lin2 = _activation(activation), MaskedLinear(mask)
 
     def forward(self, h: Tensor) -> Tensor:
         return h + self.lin2(self.act2(self.lin1(self.act1(h))))
@@ -218,11 +228,11 @@ class MADE(nn.Module):
         layers: list[nn.Module] = [MaskedLinear(mask(degs[0], in_deg))]
         if residual:
             layers += [_MaskedResidualBlock(mask(d, d), activation) for d in degs]
-            layers.append(activation())
+            layers.append(_activation(activation))
         else:
             for d_prev, d in zip(degs[:-1], degs[1:], strict=False):
-                layers += [activation(), MaskedLinear(mask(d, d_prev))]
-            layers.append(activation())
+                layers += [_activation(activation), MaskedLinear(mask(d, d_prev))]
+            layers.append(_activation(activation))
         out_deg = in_deg[:features].repeat_interleave(num_params)
         layers.append(MaskedLinear(mask(out_deg, degs[-1], strict=True)))
         self.net = nn.Sequential(*layers)

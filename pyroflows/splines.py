@@ -119,19 +119,6 @@ def _empty_in_layout(shape: torch.Size, stride: tuple[int, ...], like: Tensor) -
     return dense.permute([order.index(i) for i in range(len(shape))])
 
 
-def _threshold_matrix(k: int, min_size: float, span: float, like: Tensor) -> Tensor:
-    """``M`` with ``(M @ e)[j - 1] = span * z * F[j]`` for the interior knots ``j = 1..k-1``.
-
-    ``F[j] = min_size * j + (1 - k * min_size) * sum(e[:j]) / z`` is the fraction of the
-    interval below knot ``j`` and ``z = sum(e)``; so ``M[j - 1, i] = span * (scale * [i < j]
-    + min_size * j)``, and comparing ``(v - low) * z`` with ``M @ e`` finds the bin of ``v``
-    without dividing by ``z``.
-    """
-    m = like.new_ones((k - 1, k)).tril_().mul_(1.0 - k * min_size)
-    j = torch.arange(1, k, dtype=like.dtype, device=like.device).unsqueeze(1)
-    return m.add_(j, alpha=min_size).mul_(span)
-
-
 def _rq_values(
     v: Tensor,
     x_k: Tensor,
@@ -272,70 +259,70 @@ class _RationalQuadratic(torch.autograd.Function):
             v = torch.remainder(x - low, span).add_(low)
             mask = None
 
-        # Unnormalised softmax of widths and heights together: e (2, K, ...), z (2, ...).
+        # Unnormalised softmax of widths and heights together: e (2, K, ...), contiguous.
         raw = theta[: 2 * k].unflatten(0, (2, k))
         e = raw.new_empty(raw.shape)
-        torch.sub(raw, raw.amax(1, keepdim=True), out=e).mul_(_LOG2E).exp2_()
-        z = e.sum(1)
-
-        # Bin index: the number of interior knots at or below v (see `_threshold_matrix`).
+        torch.sub(raw, raw.amax(1, keepdim=True), out=e).exp_()
+        # Exclusive cumulative sums c[j, s] = sum(e[s, :j]), j = 0..K, of both sides; c[K]
+        # is the softmax normaliser z. A loop of slab additions: the bins are few and the
+        # batch is wide, where cumsum and small matrix products are slow.
+        c = e.new_empty((k + 1, 2) + shape)
+        rows, bins = c.unbind(0), e.unbind(1)
+        rows[0].zero_()
+        for j in range(k):
+            torch.add(rows[j], bins[j], out=rows[j + 1])
+        z = rows[k]
         side = 1 if inverse else 0
         if k > 1:
+            # Bin index: the number of interior knots j = 1..K-1 at or below v. Knot j sits
+            # at the fraction F[j] = min * j + scale * c[j] / z, so v is above it when
+            # (u - min * j) * z / scale >= c[j] with u = (v - low) / span.
             min_size = min_bin_height if inverse else min_bin_width
-            rhs = _threshold_matrix(k, min_size, span, e) @ e[side].reshape(k, -1)
-            above = torch.empty_like(rhs)
-            torch.ge(torch.sub(v, low).mul_(z[side]).reshape(1, -1), rhs, out=above)
-            idx = above.sum(0).view(shape)
+            scale = 1.0 - k * min_size
+            q = z[side] / scale
+            steps = torch.arange(1, k, dtype=e.dtype, device=e.device)
+            steps = steps.view((k - 1,) + (1,) * len(shape))
+            lhs = torch.addcmul(torch.sub(v, low).mul_(q / span), steps, q * min_size, value=-1.0)
+            torch.ge(lhs, c[1:k, side], out=lhs)
+            idx = lhs.sum(0)
         else:
             idx = torch.zeros_like(v)
-
-        # Masks [j < idx] and [j <= idx], shape (2, K, ...); the first knot and its successor.
-        steps = torch.arange(-1.0, k, dtype=e.dtype, device=e.device)
-        steps = torch.stack([steps[1:], steps[:-1]]).view((2, k) + (1,) * len(shape))
-        masks = torch.empty((2, k) + shape, dtype=e.dtype, device=e.device)
-        torch.sub(idx, steps, out=masks).clamp_(0.0, 1.0)
+        knots = torch.stack([idx, idx + 1.0])  # the knots on either side of v
+        index = knots.long()
         not_last = torch.sub(k - 1.0, idx).clamp_(max=1.0)
 
-        # Knot fractions f[side, (lo, hi)] = min * (idx, idx + 1) + scale * (sum below) / z.
-        # One scratch buffer takes every (2, K, ...) product: no large temporaries.
-        scratch = torch.empty_like(e)
-        below = torch.mul(e, masks[0], out=scratch).sum(1)
-        upto = torch.mul(e, masks[1], out=scratch).sum(1)
-        partial = torch.stack([below, upto], 1)  # (2 sides, 2 knots, ...)
-        knots = torch.stack([idx, idx + 1.0])
+        # Knot fractions f[(lo, hi), side] = min * (idx, idx + 1) + scale * c[idx] / z.
+        expanded = index.unsqueeze(1).expand((2, 2) + shape)
+        gathered = torch.gather(c, 0, expanded)  # (2 knots, 2 sides, ...)
         if min_bin_width == min_bin_height:
             scale = 1.0 - k * min_bin_width
-            f = torch.addcdiv(knots * min_bin_width, partial, z.unsqueeze(1), value=scale)
+            f = torch.addcdiv(knots.unsqueeze(1) * min_bin_width, gathered, z, value=scale)
         else:
             sizes = torch.tensor([min_bin_width, min_bin_height], dtype=e.dtype, device=e.device)
-            sizes = sizes.view((2, 1) + (1,) * len(shape))
-            f = torch.addcdiv(knots * sizes, partial * (1.0 - k * sizes), z.unsqueeze(1))
-        f[:, 1].sub_(1.0).mul_(not_last).add_(1.0)  # the last knot is exactly 1
+            sizes = sizes.view((2,) + (1,) * len(shape))
+            f = torch.addcdiv(knots.unsqueeze(1) * sizes, gathered * (1.0 - k * sizes), z)
+        f[1].sub_(1.0).mul_(not_last).add_(1.0)  # the last knot is exactly 1
         f = f.mul_(span)
-        start = f[:, 0] + low  # (x_k, y_k)
-        size = f[:, 1] - f[:, 0]  # (w_k, h_k)
+        start = f[0] + low  # (x_k, y_k)
+        size = f[1] - f[0]  # (w_k, h_k)
         x_k, y_k = start.unbind(0)
         w_k, h_k = size.unbind(0)
 
-        # Derivatives at the two knots: one-hot sums of the raw values, then softplus.
-        one_hot = masks[1] - masks[0]  # [j == idx]
+        # Derivatives at the two knots: gather the raw values, then softplus.
         raw_d = theta[2 * k :]
-        tmp = scratch[0]
+        valid = None
         if variant == "identity":  # raw_d holds knots 1..k-1; the ends are fixed at 1
-            lo = torch.mul(raw_d, one_hot[1:], out=tmp[: k - 1]).sum(0)
-            hi = torch.mul(raw_d, one_hot[:-1], out=tmp[: k - 1]).sum(0)
+            d_index = (index - 1).clamp_(0, max(k - 2, 0))
             valid = torch.stack([idx.clamp(max=1.0), not_last])
         elif variant == "free":  # raw_d holds knots 0..k
-            lo = torch.mul(raw_d[:-1], one_hot, out=tmp).sum(0)
-            hi = torch.mul(raw_d[1:], one_hot, out=tmp).sum(0)
-            valid = None
+            d_index = index
         else:  # circular: raw_d holds knots 0..k-1, knot k is knot 0
-            lo = torch.mul(raw_d, one_hot, out=tmp).sum(0)
-            hi = torch.mul(raw_d[1:], one_hot[:-1], out=tmp[: k - 1]).sum(0)
-            hi.addcmul_(raw_d[0], one_hot[-1])
-            valid = None
-        pre = torch.stack([lo, hi]).add_(_derivative_shift(min_derivative))  # (2, ...)
-        d = F.softplus(pre).add_(min_derivative)
+            d_index = torch.remainder(index, k)
+        if raw_d.shape[0]:
+            pre = torch.gather(raw_d, 0, d_index).add_(_derivative_shift(min_derivative))
+            d = F.softplus(pre).add_(min_derivative)
+        else:  # a single bin with fixed ends
+            pre = d = torch.ones_like(knots)
         if valid is not None:
             d = d.sub_(1.0).mul_(valid).add_(1.0)
         d0, d1 = d.unbind(0)
@@ -353,7 +340,7 @@ class _RationalQuadratic(torch.autograd.Function):
         ctx.theta_shape, ctx.theta_stride = theta.shape, theta.stride()
         ctx.save_for_backward(
             x.new_ones(()) if mask is None else mask,
-            e, z, masks, partial, not_last, one_hot, pre,
+            e, z, gathered, index, not_last, pre, d_index,
             x.new_ones(()) if valid is None else valid, *saved,
         )  # fmt: skip
         return out, ladj
@@ -362,7 +349,7 @@ class _RationalQuadratic(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, g_out: Tensor, g_ladj: Tensor) -> tuple[Tensor | None, ...]:
         k, variant, span, min_bin_width, min_bin_height, inverse = ctx.config
-        mask, e, z, masks, partial, not_last, one_hot, pre, valid, *saved = ctx.saved_tensors
+        mask, e, z, gathered, index, not_last, pre, d_index, valid, *saved = ctx.saved_tensors
         if variant == "identity":
             g_in = g_out * mask
             g_outside = g_out - g_in
@@ -388,38 +375,35 @@ class _RationalQuadratic(torch.autograd.Function):
             g_theta = e.new_empty(ctx.theta_shape)
         else:
             g_theta = _empty_in_layout(ctx.theta_shape, ctx.theta_stride, e)
-        # Knot fractions: g_f[side, (lo, hi)]; start = low + span f_lo, size = span (f_hi - f_lo).
+        # Knot fractions: g_f[(lo, hi), side]; start = low + span f_lo, size = span (f_hi - f_lo).
         g_start = torch.stack([g_xk, g_yk])
         g_size = torch.stack([g_wk, g_hk])
-        g_f = torch.stack([g_start - g_size, g_size * not_last]).transpose(0, 1)
+        g_f = torch.stack([g_start - g_size, g_size * not_last])
         if min_bin_width == min_bin_height:
-            coef = g_f * ((span * (1.0 - k * min_bin_width)) / z).unsqueeze(1)
+            coef = g_f * ((span * (1.0 - k * min_bin_width)) / z)
         else:
             sizes = torch.tensor([min_bin_width, min_bin_height], dtype=e.dtype, device=e.device)
             scale = (1.0 - k * sizes).view((2,) + (1,) * (z.dim() - 1))
-            coef = g_f * (span * scale / z).unsqueeze(1)
-        # f_lo = ... + scale * sum(e[j] [j < idx]) / z, so d f_lo / d raw_j is
-        # scale * e_j / z * ([j < idx] - partial_lo / z); likewise f_hi with [j <= idx].
-        gamma = (coef * partial).sum(1).div_(z).unsqueeze(1)
+            coef = g_f * (span * scale / z)
+        # c[j, s] = sum(e[s, :j]) and z = c[K, s]: scatter the gradients of the gathered
+        # entries and of z into g_c; then g_e[i] = sum(g_c[i + 1:]), a reversed cumulative sum.
+        g_c = e.new_zeros((k + 1, 2) + e.shape[2:])
+        g_c.scatter_add_(0, index.unsqueeze(1).expand_as(coef), coef)
+        g_c[k].sub_((coef * gathered).sum(0).div_(z))
+        rows = g_c.unbind(0)
+        for j in range(k - 1, 0, -1):
+            rows[j].add_(rows[j + 1])
         g_raw = g_theta[: 2 * k].unflatten(0, (2, k))
-        torch.mul(masks[0], coef[:, 0].unsqueeze(1), out=g_raw)
-        g_raw.addcmul_(masks[1], coef[:, 1].unsqueeze(1)).sub_(gamma).mul_(e)
+        torch.mul(e, g_c[1:].transpose(0, 1), out=g_raw)
 
-        # Derivatives: d = min + softplus(pre), spread back onto the picked raw values.
-        g_lo, g_hi = torch.stack([g_d0, g_d1]).mul_(torch.sigmoid(pre)).unbind(0)
+        # Derivatives: d = min + softplus(pre), scattered back onto the gathered raw values.
         g_d = g_theta[2 * k :]
-        if variant == "identity":
-            g_lo, g_hi = g_lo * valid[0], g_hi * valid[1]
-            torch.mul(one_hot[1:], g_lo, out=g_d)
-            g_d.addcmul_(one_hot[:-1], g_hi)
-        elif variant == "free":
+        if g_d.shape[0]:
+            g_pre = torch.stack([g_d0, g_d1]).mul_(torch.sigmoid(pre))
+            if valid.dim():
+                g_pre.mul_(valid)
             g_d.zero_()
-            g_d[:-1].addcmul_(one_hot, g_lo)
-            g_d[1:].addcmul_(one_hot, g_hi)
-        else:
-            torch.mul(one_hot, g_lo, out=g_d)
-            g_d[1:].addcmul_(one_hot[:-1], g_hi)
-            g_d[0].addcmul_(one_hot[-1], g_hi)
+            g_d.scatter_add_(0, d_index, g_pre)
         return (g_x, g_theta) + (None,) * 8
 
 

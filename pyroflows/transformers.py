@@ -105,17 +105,26 @@ class Affine(Transformer):
             )
         self.log_scale_bound = float(log_scale_bound)
 
-    def _split(self, params: Tensor) -> tuple[Tensor, Tensor]:
-        shift, raw = params.unbind(-1)
-        return shift, self.log_scale_bound * torch.tanh(raw / self.log_scale_bound)
+    def _map(self, shift: Tensor, raw: Tensor, v: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        bound = self.log_scale_bound
+        soft = torch.tanh(raw / bound)
+        if inverse:
+            neg_log_scale = soft * -bound
+            return (v - shift) * torch.exp(neg_log_scale), neg_log_scale.expand_as(v)
+        log_scale = soft * bound
+        return torch.addcmul(shift, torch.exp(log_scale), v), log_scale.expand_as(v)
 
     def forward(self, params: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-        shift, log_scale = self._split(params)
-        return shift + torch.exp(log_scale) * x, log_scale.expand_as(x)
+        shift, raw = params.unbind(-1)
+        return self._map(shift, raw, x, inverse=False)
 
     def inverse(self, params: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        shift, log_scale = self._split(params)
-        return (y - shift) * torch.exp(-log_scale), (-log_scale).expand_as(y)
+        shift, raw = params.unbind(-1)
+        return self._map(shift, raw, y, inverse=True)
+
+    def call_params_first(self, theta: Tensor, v: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        shift, raw = theta.unbind(0)  # slabs: their gradients stack back parameter-first
+        return self._map(shift, raw, v, inverse)
 
 
 class Additive(Transformer):
@@ -130,6 +139,10 @@ class Additive(Transformer):
     def inverse(self, params: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         x = y - params.squeeze(-1)
         return x, torch.zeros_like(x)
+
+    def call_params_first(self, theta: Tensor, v: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        out = v - theta[0] if inverse else v + theta[0]
+        return out, torch.zeros_like(out)
 
 
 class _SplineBase(Transformer):

@@ -119,7 +119,8 @@ class _AutoregressiveTransform(FlowTransform):
         """
         layer = self.layer
         theta = layer.conditioner(source, context).permute(2, 1, 0)  # (P, D, N), no copy
-        out, ladj = layer.transformer.call_params_first(theta, target.t(), inverse)
+        # Columns (D, N): free when the input came from a previous layer as a transposed view.
+        out, ladj = layer.transformer.call_params_first(theta, target.t().contiguous(), inverse)
         return out.t(), ladj.sum(0)
 
     def _solve(self, u: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
