@@ -63,6 +63,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.distributions import Distribution
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing
@@ -708,16 +709,32 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="write the Markdown tables here")
     parser.add_argument("--quick", action="store_true", help="tiny run in seconds (CI smoke test)")
+    parser.add_argument("--quiet", action="store_true", help="print only the final tables")
     args = parser.parse_args(argv)
+    import pyro
+    import pyro.distributions
 
+    threads = torch.get_num_threads()
+    validation = (pyro.distributions.is_validation_enabled(), Distribution._validate_args)
+    try:
+        return _run(args, parser)
+    finally:  # leave the process as it was (the smoke test runs in-process)
+        torch.set_num_threads(threads)
+        pyro.enable_validation(validation[0])
+        Distribution.set_default_validate_args(validation[1])
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
+    """The benchmark itself (`main` restores threads and validation around it)."""
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda given but CUDA is not available")
     torch.set_num_threads(args.threads)
     import pyro
 
+    # Validation off for every library (zuko switches torch's off at import anyway).
     pyro.enable_validation(False)
-    torch.distributions.Distribution.set_default_validate_args(False)
+    Distribution.set_default_validate_args(False)
 
     if args.quick:
         dims = parse_list(args.dims or "2", int)
@@ -746,8 +763,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         parser.error("pyroflows must be among the libraries")
     compile_libraries = [lib for lib in ("pyroflows", "zuko") if args.compile and lib in libraries]
 
-    def log(message: str) -> None:
-        print(message, flush=True)
+    def log(message: str, always: bool = False) -> None:
+        if always or not args.quiet:
+            print(message, flush=True)
 
     for note in notes:
         log(f"skipped {note}")
@@ -780,8 +798,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"{rounds} rounds after {warmup} warm-up rounds, medians; validation off for all.\n"
     )
     log("")
-    log(header)
-    log(table)
+    log(header, always=True)
+    log(table, always=True)
     if args.out is not None:
         args.out.write_text(header + "\n" + table)
     return {"results": results, "configs": configs, "table": table, "notes": notes}
