@@ -205,6 +205,9 @@ class MADE(nn.Module):
             )
         self.features, self.num_params = features, num_params
         self.context_features = context_features
+        #: Lay the output out parameter-first in memory (see `forward`); set by the layers
+        #: whose transformer reads its parameters that way (the splines).
+        self.batch_innermost = False
         self.register_buffer("order", order.clone())
 
         # Degrees: input feature order[k] has degree k + 1; a unit of degree m may see inputs of
@@ -243,11 +246,14 @@ class MADE(nn.Module):
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """Parameters of shape ``x.shape[:-1] + (features, num_params)``.
 
-        The result is a view laid out parameter-first in memory (the last layer runs as
-        ``W @ h.T``): for each parameter, the values of all features and batch elements are
-        contiguous, with the batch innermost, which is how `Autoregressive` reads them.
+        With ``batch_innermost`` set, the result is a view laid out parameter-first in memory
+        (the last layer runs as ``W @ h.T``): for each parameter, the values of all features
+        and batch elements are contiguous, with the batch innermost, which is how
+        `Autoregressive` feeds a spline.
         """
         h = join_context(x, context)
+        if not self.batch_innermost:
+            return self.net(h).unflatten(-1, (self.features, self.num_params))
         batch = h.shape[:-1]
         out = _forward_transposed(self.net, h.reshape(-1, h.shape[-1]))  # (D * P, N)
         out = out.view(self.features, self.num_params, -1).permute(2, 0, 1)

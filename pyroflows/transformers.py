@@ -54,6 +54,9 @@ class Transformer(ABC):
 
     #: Number of raw parameters each element needs.
     num_params: int
+    #: Whether `call_params_first` is this transformer's fast path, so that the structures
+    #: should have their conditioners produce parameter-first (batch innermost) outputs.
+    prefers_params_first: bool = False
 
     @abstractmethod
     def forward(self, params: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -168,6 +171,7 @@ class _SplineBase(Transformer):
         return 3 * self.count_bins + self._extra_derivatives
 
     _variant: str  # the variant of `pyroflows.splines.packed_spline`
+    prefers_params_first = True
 
     def _interval(self) -> tuple[float, float]:
         raise NotImplementedError

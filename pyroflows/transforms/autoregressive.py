@@ -82,6 +82,7 @@ class Autoregressive(FlowModule):
             residual=residual,
             activation=activation,
         )
+        self.conditioner.batch_innermost = transformer.prefers_params_first
 
     def extra_repr(self) -> str:
         return (
@@ -114,11 +115,18 @@ class _AutoregressiveTransform(FlowTransform):
     ) -> tuple[Tensor, Tensor]:
         """Transform ``target`` (rows) with parameters computed from ``source`` (rows).
 
-        The MADE writes each parameter as a contiguous ``(D, N)`` slab and the transformer
-        works on ``(D, N)`` columns; the results come back as rows and ``(N,)`` log-dets.
+        For a transformer that prefers it (the splines), the MADE writes each parameter as a
+        contiguous ``(D, N)`` slab and the transformer works on ``(D, N)`` columns; others
+        (affine maps, two parameters) work on rows, where the network's matrix products are
+        fastest. Either way the results come back as rows and ``(N,)`` log-dets.
         """
         layer = self.layer
-        theta = layer.conditioner(source, context).permute(2, 1, 0)  # (P, D, N), no copy
+        params = layer.conditioner(source, context)
+        if not layer.transformer.prefers_params_first:  # rows, parameters last
+            step = layer.transformer.inverse if inverse else layer.transformer.forward
+            out, ladj = step(params, target)
+            return out, ladj.sum(-1)
+        theta = params.permute(2, 1, 0)  # (P, D, N): a view of the MADE's output, no copy
         # Columns (D, N): free when the input came from a previous layer as a transposed view.
         out, ladj = layer.transformer.call_params_first(theta, target.t().contiguous(), inverse)
         return out.t(), ladj.sum(0)

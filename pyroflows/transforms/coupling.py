@@ -83,7 +83,7 @@ class Coupling(FlowModule):
                 context_features=context_dim,
                 activation=activation,
             )
-            conditioner.batch_innermost = True
+            conditioner.batch_innermost = transformer.prefers_params_first
         self.conditioner = conditioner
 
     def extra_repr(self) -> str:
@@ -107,18 +107,24 @@ class _CouplingTransform(FlowTransform):
         check_event(x, layer.input_dim)
         x, context = broadcast_context(x, self.context)
         batch = x.shape[:-1]
-        # Work on rows: (N, D) data, (N, C) context, and parameters laid out parameter-first,
-        # (num_params, n_tr, N), which is how the transformer reads them fastest.
-        rows = x.reshape(-1, layer.input_dim)
+        rows = x.reshape(-1, layer.input_dim)  # (N, D) rows and (N, C) contexts
         context = None if context is None else context.reshape(-1, context.shape[-1])
         x_id = rows.index_select(1, layer.idx_id)
-        x_tr = rows.t().index_select(0, layer.idx_tr)  # (n_tr, N)
-        # The default MLP returns a transposed view, so this is (P, n_tr, N) without a copy.
-        theta = layer.conditioner(x_id, context).t()
-        theta = theta.view(layer.num_transformed, -1, rows.shape[0]).transpose(0, 1)
-        y_tr, ladj = layer.transformer.call_params_first(theta, x_tr, inverse)
-        y = rows.index_copy(1, layer.idx_tr, y_tr.t())
-        return y.reshape(batch + (layer.input_dim,)), ladj.sum(0).reshape(batch)
+        params = layer.conditioner(x_id, context)
+        if layer.transformer.prefers_params_first:
+            # Parameters first, (P, n_tr, N), and columns (n_tr, N): how a spline reads them
+            # fastest. The default MLP returns a transposed view, so this is not a copy.
+            theta = params.t().view(layer.num_transformed, -1, rows.shape[0]).transpose(0, 1)
+            x_tr = rows.t().index_select(0, layer.idx_tr)
+            y_tr, ladj = layer.transformer.call_params_first(theta, x_tr, inverse)
+            y_tr, ladj = y_tr.t(), ladj.sum(0)
+        else:
+            params = params.unflatten(-1, (layer.num_transformed, -1))
+            step = layer.transformer.inverse if inverse else layer.transformer.forward
+            y_tr, ladj = step(params, rows.index_select(1, layer.idx_tr))
+            ladj = ladj.sum(-1)
+        y = rows.index_copy(1, layer.idx_tr, y_tr)
+        return y.reshape(batch + (layer.input_dim,)), ladj.reshape(batch)
 
     def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self._apply(x, inverse=False)
