@@ -158,15 +158,16 @@ def test_hmm_forward_matches_recursion():
         torch.testing.assert_close(models.hmm_forward(log_trans, log_emit), expected)
 
 
+@pytest.mark.parametrize("mode_iter", [0, 100])
 @pytest.mark.parametrize(
     "name", ["eight_schools-eight_schools_centered", "bball_drive_event_0-hmm_drive_0"]
 )
-def test_laplace_whitened_posterior(name, loaded):
+def test_laplace_whitened_posterior(name, mode_iter, loaded):
     """The whitened model is the same posterior: its log joint is the whitened Stan target
     (the original one plus the log-Jacobian) up to a constant, and the columns round trip."""
     precondition = _load("precondition")
     post, data, ref = loaded(name)
-    white = precondition.laplace_whiten(post, data)
+    white = precondition.laplace_whiten(post, data, mode_iter=mode_iter)
     rows = torch.as_tensor(np.stack([ref[c, d] for c, d in DRAWS]), dtype=torch.float64)
     sites = white.from_columns(rows)
     torch.testing.assert_close(white.to_columns(sites), rows, rtol=1e-10, atol=1e-10)
@@ -175,3 +176,14 @@ def test_laplace_whitened_posterior(name, loaded):
     torch.testing.assert_close(batched, torch.tensor(single, dtype=torch.float64))
     diffs = (batched - white.log_density(sites, data)).numpy()
     np.testing.assert_allclose(diffs, diffs[0], rtol=0, atol=1e-7)
+
+
+def test_laplace_at_the_mode_whitens(loaded):
+    """At the HMM's mode the reference draws are roughly standard normal in ``w``."""
+    precondition = _load("precondition")
+    post, data, ref = loaded("bball_drive_event_0-hmm_drive_0")
+    white = precondition.laplace_whiten(post, data, mode_iter=100)
+    rows = torch.as_tensor(ref.reshape(-1, ref.shape[-1])[::10], dtype=torch.float64)
+    w = white.from_columns(rows)["w"]
+    assert float(w.mean(0).abs().max()) < 0.5
+    assert 0.8 < float(w.std(0).min()) and float(w.std(0).max()) < 1.6

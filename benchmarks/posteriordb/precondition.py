@@ -93,12 +93,50 @@ def _log_joint(post: Posterior, data: Data, layout: _Layout, u: Tensor) -> Tenso
     return lp + logdet
 
 
-def laplace_whiten(post: Posterior, data: Data, init: Params | None = None) -> Posterior:
+def _find_mode(fn, u0: Tensor, max_iter: int) -> Tensor | None:
+    """Damped saddle-free Newton on ``fn`` from ``u0`` (backtracking line search). The
+    minimum if it converged there, else None (e.g. a funnel, whose density grows without
+    bound towards its neck)."""
+
+    def value(u: Tensor) -> float:
+        with pyro.validation_enabled(False):
+            v = float(fn(u))
+        return v if math.isfinite(v) else math.inf
+
+    u, f = u0.clone(), value(u0)
+    for _ in range(max_iter):
+        x = u.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(fn(x), x)
+        hess = torch.autograd.functional.hessian(fn, u)
+        evals, evecs = torch.linalg.eigh(0.5 * (hess + hess.T))
+        convex = bool((evals > 0).all())
+        # saddle-free Newton: curvature magnitudes, so the step always descends
+        evals = evals.abs().clamp(min=1e-8 * float(evals.abs().max()))
+        step = -(evecs / evals) @ (evecs.T @ grad)
+        if convex and float(-(grad @ step)) < 1e-10:  # Newton decrement: at the mode
+            return u
+        for _ in range(40):
+            f_new = value(u + step)
+            if f_new < f:
+                break
+            step = step / 2
+        else:
+            return None
+        u, f = u + step, f_new
+    return None
+
+
+def laplace_whiten(post: Posterior, data: Data, init: Params | None = None,
+                   mode_iter: int = 0) -> Posterior:
     """``post`` reparameterised by its Laplace approximation at ``init`` (default its init).
+
+    With ``mode_iter > 0`` up to that many damped Newton steps first look for the mode from
+    ``init``; it replaces ``init`` if they converge there with a positive definite Hessian
+    (funnels have no mode: their density grows without bound towards the neck).
 
     The returned `Posterior` has one latent site ``w`` (``ImproperUniform`` on ``R^D``,
     initial value 0) and the same reference columns. Directions of non-positive curvature
-    (the init is not a mode, e.g. in the eight-schools funnel) get unit variance.
+    (the point is not a mode) get unit variance.
     """
     init = post.init_values(data) if init is None else init
     layout = _Layout(post, data, init)
@@ -107,6 +145,12 @@ def laplace_whiten(post: Posterior, data: Data, init: Params | None = None) -> P
     def neg_log_joint(u: Tensor) -> Tensor:
         return -_log_joint(post, data, layout, u.unsqueeze(0))[0]
 
+    if mode_iter:
+        mode = _find_mode(neg_log_joint, u0, mode_iter)
+        if mode is not None:
+            h = torch.autograd.functional.hessian(neg_log_joint, mode)
+            if bool((torch.linalg.eigvalsh(0.5 * (h + h.T)) > 0).all()):
+                u0 = mode
     hessian = torch.autograd.functional.hessian(neg_log_joint, u0)
     evals, evecs = torch.linalg.eigh(0.5 * (hessian + hessian.T))
     evals = torch.where(evals > 0, evals, torch.ones_like(evals))
