@@ -8,7 +8,7 @@ and PSIS k-hat is computed from the importance weights ``log p - log q``.
 
 Usage::
 
-    python benchmarks/posteriordb/run.py --out results.md          # full run (~35 min)
+    python benchmarks/posteriordb/run.py --out results.md          # full run (~33 min)
     python benchmarks/posteriordb/run.py --quick                   # CI smoke run (< 60 s)
     python benchmarks/posteriordb/run.py --posteriors arK-arK --guides AutoFlow-spline
 
