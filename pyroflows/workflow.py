@@ -270,8 +270,12 @@ def _draw_chunk(model, guide, args, kwargs, n, proto, parallel: bool, predictive
             for name in observed:
                 site, info = model_trace.nodes[name], infos[name]
                 event_ndim = len(info.shape) - info.batch_ndim
+                try:
+                    replicate = site["fn"].sample()
+                except NotImplementedError:  # e.g. an observed ImproperUniform: no replicate
+                    continue
                 out["predictive"][name] = _per_draw(
-                    site["fn"].sample(), n, info.shape, nesting, event_ndim
+                    replicate, n, info.shape, nesting, event_ndim
                 ).cpu()
     return out
 
@@ -672,6 +676,7 @@ def diagnose(
     chunk_size: int = 1000,
     seed: int | None = None,
     widen: float | None = 2.0,
+    posterior_predictive: bool = False,
     **kwargs: Any,
 ) -> Diagnosis:
     """Can the guide be trusted? Pareto-smoothed importance sampling of its draws.
@@ -706,6 +711,8 @@ def diagnose(
         widen: widening factor of the mass check's defensive proposal (``None``: no check;
             it costs another ``num_samples`` draws, scored by the guide's ``log_prob``, which
             for IAF-direction flows inverts them).
+        posterior_predictive: also draw replicated data, for the export of the reweighted
+            posterior (off by default: the diagnostics do not need it).
         **kwargs: keyword arguments of the model.
 
     Returns:
@@ -732,7 +739,14 @@ def diagnose(
         pyro.set_rng_seed(seed)
         generator = torch.Generator().manual_seed(seed)
     draws = _draw(
-        model, guide, args, kwargs, num_samples, parallel=parallel, chunk_size=chunk_size
+        model,
+        guide,
+        args,
+        kwargs,
+        num_samples,
+        parallel=parallel,
+        chunk_size=chunk_size,
+        predictive=posterior_predictive,
     )
     log_w = draws.log_weights.to(torch.float64)
     finite = torch.isfinite(log_w)

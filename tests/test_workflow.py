@@ -279,8 +279,11 @@ def test_arviz_functions_work(schools_idata):
 
 def test_reweighted_posterior_exports_like_the_guide(schools_idata):
     guide, _ = schools_idata
-    result = diagnose(schools_model, guide, Y, SIGMA, num_samples=1000, seed=0)
+    result = diagnose(
+        schools_model, guide, Y, SIGMA, num_samples=1000, seed=0, posterior_predictive=True
+    )
     idata = result.to_inference_data()
+    assert idata.posterior_predictive["obs"].shape == (4, 250, 8)
     assert idata.posterior["theta"].shape == (4, 250, 8)
     assert idata.attrs["psis_khat"] == pytest.approx(result.khat)
     # resampled rows are rows of the guide's draws, scored consistently
