@@ -771,6 +771,11 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
         log(f"skipped {note}")
     results: dict[str, dict[str, Cell]] = {}
     configs: dict[str, Config] = {}
+    shown = [*libraries, *(f"{lib}+compile" for lib in compile_libraries)]
+    header = (
+        f"Machine: {machine_description(device, args.threads)} Timer: {args.timer}; "
+        f"{rounds} rounds after {warmup} warm-up rounds, medians; validation off for all.\n"
+    )
     for flow in flows:
         for dim in dims:
             for ctx in contexts if flow != "iaf-svi" else [0]:
@@ -791,12 +796,9 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
                         log=log,
                     )
                     configs[cfg.label] = cfg
-    shown = [*libraries, *(f"{lib}+compile" for lib in compile_libraries)]
+                    if args.out is not None:  # keep what is done if a long run is cut short
+                        args.out.write_text(header + "\n" + tables(results, configs, shown))
     table = tables(results, configs, shown)
-    header = (
-        f"Machine: {machine_description(device, args.threads)} Timer: {args.timer}; "
-        f"{rounds} rounds after {warmup} warm-up rounds, medians; validation off for all.\n"
-    )
     log("")
     log(header, always=True)
     log(table, always=True)
