@@ -182,7 +182,16 @@ class _PyroFlow(nn.Module):
         return dist.TransformedDistribution(base, [t.inv for t in reversed(maps)])
 
 
-def build_pyro(flow: str, dim: int, context: int, hidden: Sequence[int]) -> Model:
+def build_pyro(
+    flow: str, dim: int, context: int, hidden: Sequence[int], device: torch.device | None = None
+) -> Model:
+    """Pyro's layers; built under ``torch.device(device)``, since ``Permute`` keeps its index
+    tensor outside any module (``.to`` would not move it)."""
+    with torch.device(device or "cpu"):
+        return _build_pyro(flow, dim, context, hidden)
+
+
+def _build_pyro(flow: str, dim: int, context: int, hidden: Sequence[int]) -> Model:
     from pyro.distributions import transforms as T
     from pyro.nn import (
         AutoRegressiveNN,
@@ -283,16 +292,21 @@ def build_svi(library: str, dim: int, hidden: Sequence[int], batch: int, device)
         from pyroflows.infer import AutoFlow
 
         guide = AutoFlow(
-            model, layers="affine", num_layers=LAYERS, hidden_dims=tuple(hidden), model_args=(data,)
+            model,
+            layers="affine",
+            num_layers=LAYERS,
+            hidden_dims=tuple(hidden),
+            model_args=(data.cpu(),),  # built on the CPU, then moved
         )
+        guide.to(device)
     elif library == "pyro":
         from pyro.infer.autoguide import AutoIAFNormal
 
         guide = AutoIAFNormal(model, hidden_dim=list(hidden), num_transforms=LAYERS)
-        guide(data)  # create the parameters now
+        with torch.device(device):  # its networks are created lazily, on the first call
+            guide(data)
     else:
         raise Unavailable(f"{library} has no autoguide")
-    guide.to(device)
     elbo = Trace_ELBO(num_particles=batch, vectorize_particles=True, max_plate_nesting=0)
     svi = SVI(model, guide, pyro.optim.Adam({"lr": LR}), elbo)
 
@@ -497,7 +511,10 @@ def run_config(
                     raise Unavailable("not compiled")
                 model = build_svi(base, dim, hidden, batch, device)
             else:
-                model = BUILDERS[base](flow, dim, ctx, hidden)
+                if base == "pyro":
+                    model = build_pyro(flow, dim, ctx, hidden, device)
+                else:
+                    model = BUILDERS[base](flow, dim, ctx, hidden)
                 model.module.to(device)
                 if library.endswith("+compile"):
                     model = compiled(model)
