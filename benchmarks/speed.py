@@ -421,27 +421,28 @@ class Timer:
     """Wall-clock (``perf_counter``, with CUDA synchronisation) or this thread's CPU time."""
 
     def __init__(self, device: torch.device, kind: str):
+        self.device = device
         self.cuda = device.type == "cuda"
         self.clock = time.thread_time if kind == "cpu" else time.perf_counter
 
     def __call__(self, fn: Callable[[], object]) -> float:
         if self.cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
         start = self.clock()
         fn()
         if self.cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
         return self.clock() - start
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device) -> float:
     """Peak bytes allocated while ``fn`` runs, above what was allocated before it."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         fn()
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
         return float(torch.cuda.max_memory_allocated(device) - before)
     from torch.profiler import ProfilerActivity, profile
 
@@ -505,6 +506,10 @@ def run_config(
 
     cells: dict[str, Cell] = {}
     steps: dict[str, dict[str, Callable[[], object]]] = {}
+    if compile_libraries:
+        # Every configuration compiles the same lambdas again: without a reset, dynamo's
+        # per-code recompile limit would quietly leave later configurations uncompiled.
+        torch._dynamo.reset()
     for library in [*libraries, *(f"{lib}+compile" for lib in compile_libraries), "floor"]:
         base = library.split("+")[0]
         cell = cells[library] = Cell()
@@ -759,6 +764,10 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda given but CUDA is not available")
+    if device.type == "cuda" and args.timer == "cpu":
+        parser.error("--timer cpu measures host time; on a GPU use the default wall clock")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # plain torch.cuda calls then mean this device
     torch.set_num_threads(args.threads)
     import pyro
 

@@ -198,7 +198,10 @@ class MADE(nn.Module):
             raise ValueError(f"features must be >= 1, got {features}")
         if residual and len(set(hidden_dims)) != 1:
             raise ValueError(f"residual blocks need equal hidden_dims, got {hidden_dims}")
-        order = torch.arange(features) if order is None else torch.as_tensor(order).long()
+        if order is None:
+            order = torch.arange(features)
+        else:  # indexes the degrees below, which live on the CPU while the network is built
+            order = torch.as_tensor(order, device="cpu").long()
         if sorted(order.tolist()) != list(range(features)):
             raise ValueError(
                 f"order must be a permutation of range({features}), got {order.tolist()}"

@@ -79,17 +79,17 @@ def _setup(
 def _finish(x: Tensor, noise: float, generator: torch.Generator, dtype: torch.dtype) -> Tensor:
     """Add isotropic Gaussian noise of standard deviation ``noise`` and cast to ``dtype``."""
     if noise > 0:
-        x = x + noise * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+        x = x + noise * torch.randn(x.shape, generator=generator, dtype=x.dtype, device="cpu")
     return x.to(dtype)
 
 
 def _uniform(n: int, generator: torch.Generator) -> Tensor:
-    return torch.rand(n, generator=generator, dtype=torch.float64)
+    return torch.rand(n, generator=generator, dtype=torch.float64, device="cpu")
 
 
 def _halves(n: int, generator: torch.Generator) -> Tensor:
     """Boolean labels, half of them (rounded down) true, in random order."""
-    return torch.randperm(n, generator=generator) % 2 == 1
+    return torch.randperm(n, generator=generator, device="cpu") % 2 == 1
 
 
 def two_moons(
@@ -163,7 +163,7 @@ def eight_gaussians(
         True
     """
     n, noise, g = _setup(n, seed, noise, dtype)
-    component = torch.randint(8, (n,), generator=g, dtype=torch.int64)
+    component = torch.randint(8, (n,), generator=g, dtype=torch.int64, device="cpu")
     angle = component.to(torch.float64) * (math.pi / 4)
     points = radius * torch.stack([torch.cos(angle), torch.sin(angle)], dim=-1)
     return _finish(points, noise, g, dtype)
@@ -200,10 +200,10 @@ def checkerboard(
         True
     """
     n, noise, g = _setup(n, seed, noise, dtype)
-    column = torch.randint(4, (n,), generator=g, dtype=torch.int64)
-    row = 2 * torch.randint(2, (n,), generator=g, dtype=torch.int64) + column % 2
+    column = torch.randint(4, (n,), generator=g, dtype=torch.int64, device="cpu")
+    row = 2 * torch.randint(2, (n,), generator=g, dtype=torch.int64, device="cpu") + column % 2
     cell = torch.stack([column, row], dim=-1).to(torch.float64)
-    offset = torch.rand((n, 2), generator=g, dtype=torch.float64)
+    offset = torch.rand((n, 2), generator=g, dtype=torch.float64, device="cpu")
     points = 1.5 * (cell + offset) - 3.0
     return _finish(points, noise, g, dtype)
 

@@ -172,7 +172,9 @@ def coupling_flow(
     for i in range(num_layers):
         if i % 2 == 0:
             mask = torch.zeros(input_dim, dtype=torch.bool)
-            mask[torch.randperm(input_dim, generator=generator)[: input_dim // 2]] = True
+            mask[torch.randperm(input_dim, generator=generator, device="cpu")[: input_dim // 2]] = (
+                True
+            )
         else:
             mask = ~mask if input_dim > 1 else mask
         layers.append(

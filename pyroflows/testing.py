@@ -85,7 +85,8 @@ def randomize_(module: nn.Module, scale: float = 0.3, seed: int | None = 0) -> n
     """
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     for p in module.parameters():
-        noise = torch.randn(p.shape, generator=generator, dtype=torch.float64) * scale
+        noise = torch.randn(p.shape, generator=generator, dtype=torch.float64, device="cpu")
+        noise = noise * scale
         p.copy_(noise.to(p))
     return module
 
@@ -120,7 +121,7 @@ class LayerSpec:
     ) -> Tensor:
         """Inputs inside the layer's domain, drawn reproducibly."""
         generator = torch.Generator().manual_seed(seed)
-        u = torch.rand(shape, generator=generator, dtype=torch.float64)
+        u = torch.rand(shape, generator=generator, dtype=torch.float64, device="cpu")
         margin = 0.01 * (self.high - self.low)
         x = self.low + margin + (self.high - self.low - 2 * margin) * u
         return x.to(dtype=dtype, device=device)
@@ -128,7 +129,7 @@ class LayerSpec:
 
 def _ar(transformer, invert: bool, residual: bool = False) -> Callable[[int, int], FlowModule]:
     def build(input_dim: int, context_dim: int) -> FlowModule:
-        order = torch.randperm(input_dim, generator=torch.Generator().manual_seed(1))
+        order = torch.randperm(input_dim, generator=torch.Generator().manual_seed(1), device="cpu")
         return Autoregressive(
             input_dim,
             transformer,
@@ -176,14 +177,18 @@ LAYERS: dict[str, LayerSpec] = {
     ),
     "inverse_iaf_affine": LayerSpec(lambda d, c: Inverse(_ar(Affine(), invert=False)(d, c))),
     "permute": LayerSpec(
-        lambda d, c: Permute(torch.randperm(d, generator=torch.Generator().manual_seed(2))),
+        lambda d, c: Permute(
+            torch.randperm(d, generator=torch.Generator().manual_seed(2), device="cpu")
+        ),
         conditional=False,
         starts_as_identity=False,
     ),
     "reverse": LayerSpec(lambda d, c: Reverse(d), conditional=False, starts_as_identity=False),
     "lu_linear": LayerSpec(lambda d, c: LULinear(d), conditional=False),
     "lu_linear_permuted": LayerSpec(
-        lambda d, c: LULinear(d, torch.randperm(d, generator=torch.Generator().manual_seed(3))),
+        lambda d, c: LULinear(
+            d, torch.randperm(d, generator=torch.Generator().manual_seed(3), device="cpu")
+        ),
         conditional=False,
         starts_as_identity=False,
     ),

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import pyro
 import torch
 import torch.distributed as torch_dist
 from torch import Tensor, nn
@@ -192,8 +193,10 @@ def _setup_distributed(device: torch.device | None) -> tuple[int, int, torch.dev
         use_cuda = (device is None or device.type == "cuda") and torch.cuda.is_available()
         torch_dist.init_process_group("nccl" if use_cuda else "gloo")
     rank, world = torch_dist.get_rank(), torch_dist.get_world_size()
-    if device is None and torch_dist.get_backend() == "nccl":
+    if torch_dist.get_backend() == "nccl" and (device is None or device.index is None):
+        # One GPU per process: "cuda" alone would put every rank on cuda:0.
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
     return rank, world, device
 
 
@@ -234,6 +237,7 @@ def fit(
     context_bounds: Bounds | None = None,
     seed: int = 0,
     device: str | torch.device | None = None,
+    compile: bool | str = False,
     progress: bool = True,
 ) -> FitHistory:
     """Fit ``flow`` to ``data`` (and ``context``) by minibatch maximum likelihood.
@@ -266,6 +270,12 @@ def fit(
         seed: seed of the split and of the shuffling.
         device: device to train on (default: where the flow is). Data larger than the GPU
             stays on the host and moves batch by batch.
+        compile: compile the loss, forward and backward, with `torch.compile`: ``True`` for
+            the default backend (inductor, which needs a C++ compiler on CPU), or a backend's
+            name. The first steps wait for the compiler, and the smaller last batch of an
+            epoch compiles once more; after that each step runs the fused code (the training
+            step of a spline coupling flow at D = 8 ran 1.6x faster on CPU, see the Speed
+            page). Evaluation stays eager.
         progress: show a progress bar (only on the main process).
 
     Returns:
@@ -279,6 +289,11 @@ def fit(
     if not isinstance(flow, Flow):
         raise TypeError(f"fit expects a pyroflows.Flow, got {type(flow).__name__}")
     _check_settings(epochs, batch_size, lr, validation, schedule, patience)
+    if isinstance(compile, str) and compile not in torch.compiler.list_backends(exclude_tags=()):
+        raise ValueError(
+            f"compile={compile!r} is not a torch.compile backend; use True or one of "
+            f"{', '.join(torch.compiler.list_backends())}"
+        )
     device = torch.device(device) if device is not None else None
     if device is not None and device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' was requested but CUDA is not available")
@@ -303,7 +318,7 @@ def fit(
         x_train, c_train = x, c
     else:
         generator = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(x), generator=generator)
+        order = torch.randperm(len(x), generator=generator, device="cpu")
         n_val = int(round(validation * len(x))) if validation > 0 else 0
         if validation > 0 and (n_val < 1 or n_val >= len(x)):
             raise ValueError(
@@ -327,6 +342,9 @@ def fit(
         loss_module = nn.parallel.DistributedDataParallel(
             loss_module, device_ids=[device.index] if device.type == "cuda" else None
         )
+    if compile:
+        backend = compile if isinstance(compile, str) else "inductor"
+        loss_module = torch.compile(loss_module, backend=backend)
     optimizer = torch.optim.Adam(flow.parameters(), lr=lr, weight_decay=weight_decay)
     rows_per_rank = len(x_train) // world
     if rows_per_rank < 1:
@@ -346,21 +364,25 @@ def fit(
     step = 0
     for epoch in range(epochs):
         flow.train()
-        perm = torch.randperm(len(x_train), generator=shuffle)[: rows_per_rank * world]
-        mine = perm[rank::world]
-        total, count = 0.0, 0
+        perm = torch.randperm(len(x_train), generator=shuffle, device="cpu")
+        mine = perm[: rows_per_rank * world][rank::world]
+        # The epoch's indices move once, not batch by batch (each move would wait for the GPU).
+        mine_x = mine.to(x_train.device)
+        mine_c = None if c_train is None else mine.to(c_train.device)
+        total_t = torch.zeros((), dtype=torch.float64, device=device)  # read once per epoch
+        count = 0
         for b in range(steps_per_epoch):
-            idx = mine[b * batch_size : (b + 1) * batch_size]
-            xb = x_train[idx.to(x_train.device)].to(device, non_blocking=True)
-            cb = (
-                None
-                if c_train is None
-                else c_train[idx.to(c_train.device)].to(device, non_blocking=True)
-            )
+            rows = slice(b * batch_size, (b + 1) * batch_size)
+            xb = x_train[mine_x[rows]].to(device, non_blocking=True)
+            cb = None if c_train is None else c_train[mine_c[rows]].to(device, non_blocking=True)
+            n_rows = len(xb)
             for group in optimizer.param_groups:
                 group["lr"] = lr * lr_scale * _lr_factor(schedule, step, total_steps)
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_module(xb, cb)
+            # The rows were checked once for NaN/Inf; per-batch validation would only add a
+            # host sync per step.
+            with pyro.validation_enabled(False):
+                loss = loss_module(xb, cb)
             loss.backward()
             grad_norm = (
                 nn.utils.clip_grad_norm_(flow.parameters(), clip_grad_norm)
@@ -376,8 +398,8 @@ def fit(
                 ok = bool(torch.isfinite(stats).all())
             if ok:
                 optimizer.step()
-                total += float(stats[0]) * len(idx)
-                count += len(idx)
+                total_t += loss.detach().to(torch.float64) * n_rows
+                count += n_rows
             else:
                 flow.load_state_dict(best_state)
                 optimizer.state.clear()
@@ -394,7 +416,7 @@ def fit(
                 if len(history.rejected_steps) >= 20:
                     break
             step += 1
-        history.train_loss.append(_reduce_mean(total, count, world, device))
+        history.train_loss.append(_reduce_mean(float(total_t), count, world, device))
         history.learning_rate.append(optimizer.param_groups[0]["lr"])
         history.epochs_run = epoch + 1
         improved = False
@@ -454,7 +476,7 @@ def _check_settings(epochs, batch_size, lr, validation, schedule, patience) -> N
 
 
 def _prepare(flow: Flow, data: Any, context: Any, name: str, context_name: str):
-    x = as_data_tensor(data, name, torch.float64)
+    x = as_data_tensor(data, name, torch.float64).cpu()  # fit places the rows itself
     if x.shape[1] != flow.input_dim:
         raise ValueError(f"{name} has {x.shape[1]} columns, the flow models {flow.input_dim}")
     _check_finite(x, name)
@@ -466,7 +488,7 @@ def _prepare(flow: Flow, data: Any, context: Any, name: str, context_name: str):
         raise ValueError(
             f"the flow is conditional: pass {context_name} with {flow.context_dim} columns"
         )
-    c = as_data_tensor(context, context_name, torch.float64)
+    c = as_data_tensor(context, context_name, torch.float64).cpu()
     if c.shape[1] != flow.context_dim:
         raise ValueError(
             f"{context_name} has {c.shape[1]} columns, the flow expects {flow.context_dim}"
@@ -528,7 +550,9 @@ def _place(t: Tensor | None, device: torch.device, dtype: torch.dtype) -> Tensor
 
 def _grad_norm(flow: Flow) -> Tensor:
     grads = [p.grad.detach().norm() for p in flow.parameters() if p.grad is not None]
-    return torch.stack(grads).norm() if grads else torch.zeros(())
+    if not grads:  # no parameter received a gradient
+        return torch.zeros((), device=next(flow.parameters()).device)
+    return torch.stack(grads).norm()
 
 
 def _reduce_mean(total: float, count: int, world: int, device: torch.device) -> float:

@@ -460,8 +460,9 @@ def to_inference_data(
 
 def _systematic_resample(log_weights: Tensor, num: int, generator: torch.Generator | None):
     """Indices drawn with probability proportional to ``exp(log_weights)`` (systematic)."""
-    probs = torch.softmax(log_weights.to(torch.float64), 0)
-    u = (torch.rand((), generator=generator, dtype=torch.float64) + torch.arange(num)) / num
+    probs = torch.softmax(log_weights.detach().to("cpu", torch.float64), 0)
+    u = torch.rand((), generator=generator, dtype=torch.float64, device="cpu")
+    u = (u + torch.arange(num, device="cpu")) / num
     cdf = probs.cumsum(0)
     cdf[-1] = 1.0
     return torch.searchsorted(cdf, u).clamp_(max=len(probs) - 1)

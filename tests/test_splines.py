@@ -252,8 +252,9 @@ SPLINES = {
 @pytest.mark.parametrize("count_bins", [1, 2, 5])
 @pytest.mark.parametrize("inverse", [False, True])
 @pytest.mark.parametrize("variant", list(SPLINES))
-def test_hand_written_gradients_match_finite_differences(variant, inverse, count_bins):
-    """The spline kernel's backward pass is written by hand: check it against gradcheck."""
+def test_hand_written_gradients_match_finite_differences(variant, inverse, count_bins, device):
+    """The spline kernel's backward pass is written by hand: check it against gradcheck
+    (on the ``--device`` of the run, so a GPU run checks the same kernel there)."""
     fn, extra, kwargs, half_range = SPLINES[variant]
     gen = torch.Generator().manual_seed(count_bins)
     n = 12
@@ -263,7 +264,7 @@ def test_hand_written_gradients_match_finite_differences(variant, inverse, count
         x = (2.0 * torch.rand(n, generator=gen, dtype=torch.float64) - 1.0) * half_range
     w, h, d = raw_params((n,), count_bins, count_bins + extra, 1.5, torch.float64, gen)
     kwargs = dict(kwargs, min_bin_width=0.01, min_bin_height=0.02, min_derivative=0.05)
-    inputs = tuple(t.clone().requires_grad_() for t in (x, w, h, d))
+    inputs = tuple(t.to(device).requires_grad_() for t in (x, w, h, d))
     assert torch.autograd.gradcheck(
         lambda *args: fn(*args, inverse=inverse, **kwargs), inputs, atol=1e-6, fast_mode=True
     )
