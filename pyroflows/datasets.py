@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from collections.abc import Callable
@@ -79,19 +80,32 @@ def _setup(
 def _finish(x: Tensor, noise: float, generator: torch.Generator, dtype: torch.dtype) -> Tensor:
     """Add isotropic Gaussian noise of standard deviation ``noise`` and cast to ``dtype``."""
     if noise > 0:
-        x = x + noise * torch.randn(x.shape, generator=generator, dtype=x.dtype, device="cpu")
+        x = x + noise * torch.randn(x.shape, generator=generator, dtype=x.dtype)
     return x.to(dtype)
 
 
 def _uniform(n: int, generator: torch.Generator) -> Tensor:
-    return torch.rand(n, generator=generator, dtype=torch.float64, device="cpu")
+    return torch.rand(n, generator=generator, dtype=torch.float64)
 
 
 def _halves(n: int, generator: torch.Generator) -> Tensor:
     """Boolean labels, half of them (rounded down) true, in random order."""
-    return torch.randperm(n, generator=generator, device="cpu") % 2 == 1
+    return torch.randperm(n, generator=generator) % 2 == 1
 
 
+def _on_host(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Draw on the CPU whatever the default device: the points come from a seeded CPU
+    generator, and are the same on every machine."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Tensor:
+        with torch.device("cpu"):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_on_host
 def two_moons(
     n: int = 10_000, *, seed: int = 0, noise: float = 0.15, dtype: torch.dtype = torch.float32
 ) -> Tensor:
@@ -130,6 +144,7 @@ def two_moons(
     return _finish(points, noise, g, dtype)
 
 
+@_on_host
 def eight_gaussians(
     n: int = 10_000,
     *,
@@ -163,12 +178,13 @@ def eight_gaussians(
         True
     """
     n, noise, g = _setup(n, seed, noise, dtype)
-    component = torch.randint(8, (n,), generator=g, dtype=torch.int64, device="cpu")
+    component = torch.randint(8, (n,), generator=g, dtype=torch.int64)
     angle = component.to(torch.float64) * (math.pi / 4)
     points = radius * torch.stack([torch.cos(angle), torch.sin(angle)], dim=-1)
     return _finish(points, noise, g, dtype)
 
 
+@_on_host
 def checkerboard(
     n: int = 10_000, *, seed: int = 0, noise: float = 0.0, dtype: torch.dtype = torch.float32
 ) -> Tensor:
@@ -200,14 +216,15 @@ def checkerboard(
         True
     """
     n, noise, g = _setup(n, seed, noise, dtype)
-    column = torch.randint(4, (n,), generator=g, dtype=torch.int64, device="cpu")
-    row = 2 * torch.randint(2, (n,), generator=g, dtype=torch.int64, device="cpu") + column % 2
+    column = torch.randint(4, (n,), generator=g, dtype=torch.int64)
+    row = 2 * torch.randint(2, (n,), generator=g, dtype=torch.int64) + column % 2
     cell = torch.stack([column, row], dim=-1).to(torch.float64)
-    offset = torch.rand((n, 2), generator=g, dtype=torch.float64, device="cpu")
+    offset = torch.rand((n, 2), generator=g, dtype=torch.float64)
     points = 1.5 * (cell + offset) - 3.0
     return _finish(points, noise, g, dtype)
 
 
+@_on_host
 def spirals(
     n: int = 10_000,
     *,
@@ -253,6 +270,7 @@ def spirals(
     return _finish(points, noise, g, dtype)
 
 
+@_on_host
 def rings(
     n: int = 10_000,
     *,

@@ -391,3 +391,14 @@ def test_plot_training_curves_bad_input():
         plot.plot_training_curves({"train_loss": [1, 2, 3], "val_loss": [1, 2, 3], "best_epoch": 3})
     with pytest.raises(ValueError, match="best_epoch"):
         plot.plot_training_curves({"train_loss": [1, 2], "best_epoch": 0.5})
+
+
+@pytest.mark.parametrize("name", sorted(datasets.TOY_DATASETS))
+def test_toy_datasets_are_drawn_on_the_host_whatever_the_default_device(name):
+    """Under another default device (here ``meta``; ``cuda`` in practice) the points are the
+    same CPU tensor, drawn from the seeded CPU generator."""
+    expected = datasets.load_toy(name, 64, seed=3)
+    with torch.device("meta"):
+        got = datasets.load_toy(name, 64, seed=3)
+    assert got.device.type == "cpu"
+    torch.testing.assert_close(got, expected)
