@@ -567,12 +567,14 @@ def _reduce_mean(total: float, count: int, world: int, device: torch.device) -> 
 def _evaluate(flow, x, c, batch_size, rank, world, device) -> float:
     flow.eval()
     idx = torch.arange(rank, len(x), world)
-    total, count = 0.0, 0
+    idx_x = idx.to(x.device)
+    idx_c = None if c is None else idx.to(c.device)
+    total = torch.zeros((), dtype=torch.float64, device=device)  # read once, at the end
     for start in range(0, len(idx), 4 * batch_size):
-        i = idx[start : start + 4 * batch_size]
-        xb = x[i.to(x.device)].to(device, non_blocking=True)
-        cb = None if c is None else c[i.to(c.device)].to(device, non_blocking=True)
-        total += float(-flow.condition(cb).log_prob(xb).sum())
-        count += len(i)
-    value = _reduce_mean(total, count, world, device)
+        rows = slice(start, start + 4 * batch_size)
+        xb = x[idx_x[rows]].to(device, non_blocking=True)
+        cb = None if c is None else c[idx_c[rows]].to(device, non_blocking=True)
+        with pyro.validation_enabled(False):  # the rows were checked once, up front
+            total -= flow.condition(cb).log_prob(xb).sum().to(torch.float64)
+    value = _reduce_mean(float(total), len(idx), world, device)
     return value if math.isfinite(value) else math.inf
