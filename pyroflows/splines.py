@@ -247,7 +247,9 @@ class _RationalQuadratic(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:
         span = high - low
         shape = x.shape
-        if variant == "identity":  # identity tails; tail points are evaluated at 0 (interior)
+        # Identity tails. Tail points are evaluated at 0 (a safe interior value) and discarded:
+        # clamped onto the bound they would sit where the inverse's discriminant cancels.
+        if variant == "identity":
             v = x.clamp(low, high)
             mask = (v == x).to(x.dtype)
             v = v.mul_(mask)
@@ -487,24 +489,46 @@ def packed_spline(
     )
 
 
-def _pack(widths: Tensor, heights: Tensor, derivatives: Tensor) -> Tensor:
-    """``(..., K) x 2 + (..., n)`` raw parameters as one ``(2K + n, ...)`` tensor."""
-    batch = torch.broadcast_shapes(widths.shape[:-1], heights.shape[:-1], derivatives.shape[:-1])
-    parts = [t.expand(batch + t.shape[-1:]) for t in (widths, heights, derivatives)]
-    return torch.cat(parts, dim=-1).movedim(-1, 0)
-
-
-def _check_raw(raw_w: Tensor, raw_h: Tensor, raw_d: Tensor, num_derivatives: int) -> None:
-    if raw_w.shape[-1] != raw_h.shape[-1]:
+def _spline_from_raw(
+    x: Tensor,
+    raw_w: Tensor,
+    raw_h: Tensor,
+    raw_d: Tensor,
+    variant: str,
+    low: float,
+    high: float,
+    inverse: bool,
+    min_bin_width: float,
+    min_bin_height: float,
+    min_derivative: float,
+) -> tuple[Tensor, Tensor]:
+    """Check ``(..., K)`` widths and heights and ``(..., n)`` derivatives, stack them
+    parameter-first as one ``(2K + n, ...)`` tensor and run `packed_spline`."""
+    k = raw_w.shape[-1]
+    if raw_h.shape[-1] != k:
         raise ValueError(
-            f"widths and heights need the same number of bins, got {raw_w.shape[-1]} "
-            f"and {raw_h.shape[-1]}"
+            f"widths and heights need the same number of bins, got {k} and {raw_h.shape[-1]}"
         )
-    if raw_d.shape[-1] != num_derivatives:
+    if raw_d.shape[-1] != _raw_count(variant, k):
         raise ValueError(
-            f"expected {num_derivatives} derivative parameters for {raw_w.shape[-1]} bins, "
+            f"expected {_raw_count(variant, k)} derivative parameters for {k} bins, "
             f"got {raw_d.shape[-1]}"
         )
+    batch = torch.broadcast_shapes(raw_w.shape[:-1], raw_h.shape[:-1], raw_d.shape[:-1])
+    parts = [t.expand(batch + t.shape[-1:]) for t in (raw_w, raw_h, raw_d)]
+    theta = torch.cat(parts, dim=-1).movedim(-1, 0)
+    return packed_spline(
+        x,
+        theta,
+        count_bins=k,
+        variant=variant,
+        low=low,
+        high=high,
+        inverse=inverse,
+        min_bin_width=min_bin_width,
+        min_bin_height=min_bin_height,
+        min_derivative=min_derivative,
+    )
 
 
 def rational_quadratic_spline(
@@ -537,26 +561,18 @@ def rational_quadratic_spline(
         ``(y, log|dy/dx|)`` for the requested direction, both of shape ``S``. All-zero raw
         parameters give the identity.
     """
-    _check_raw(
+    return _spline_from_raw(
+        x,
         unnormalized_widths,
         unnormalized_heights,
         unnormalized_derivatives,
-        unnormalized_widths.shape[-1] - 1,
-    )
-    # Tail points are evaluated at 0 (a safe interior value) and then discarded: clamping them
-    # onto the bound would put them where the inverse's discriminant cancels in float32.
-    theta = _pack(unnormalized_widths, unnormalized_heights, unnormalized_derivatives)
-    return packed_spline(
-        x,
-        theta,
-        count_bins=unnormalized_widths.shape[-1],
-        variant="identity",
-        low=-bound,
-        high=bound,
-        inverse=inverse,
-        min_bin_width=min_bin_width,
-        min_bin_height=min_bin_height,
-        min_derivative=min_derivative,
+        "identity",
+        -bound,
+        bound,
+        inverse,
+        min_bin_width,
+        min_bin_height,
+        min_derivative,
     )
 
 
@@ -593,24 +609,18 @@ def bounded_rational_quadratic_spline(
     """
     if not high > low:
         raise ValueError(f"need low < high, got low={low!r}, high={high!r}")
-    _check_raw(
+    return _spline_from_raw(
+        x,
         unnormalized_widths,
         unnormalized_heights,
         unnormalized_derivatives,
-        unnormalized_widths.shape[-1] + 1,
-    )
-    theta = _pack(unnormalized_widths, unnormalized_heights, unnormalized_derivatives)
-    return packed_spline(
-        x,
-        theta,
-        count_bins=unnormalized_widths.shape[-1],
-        variant="free",
-        low=low,
-        high=high,
-        inverse=inverse,
-        min_bin_width=min_bin_width,
-        min_bin_height=min_bin_height,
-        min_derivative=min_derivative,
+        "free",
+        low,
+        high,
+        inverse,
+        min_bin_width,
+        min_bin_height,
+        min_derivative,
     )
 
 
@@ -647,22 +657,16 @@ def circular_rational_quadratic_spline(
     Returns:
         ``(y, log|dy/dx|)``, both of shape ``S``; all-zero raw parameters give the identity.
     """
-    _check_raw(
+    return _spline_from_raw(
+        x,
         unnormalized_widths,
         unnormalized_heights,
         unnormalized_derivatives,
-        unnormalized_widths.shape[-1],
-    )
-    theta = _pack(unnormalized_widths, unnormalized_heights, unnormalized_derivatives)
-    return packed_spline(
-        x,
-        theta,
-        count_bins=unnormalized_widths.shape[-1],
-        variant="circular",
-        low=-bound,
-        high=bound,
-        inverse=inverse,
-        min_bin_width=min_bin_width,
-        min_bin_height=min_bin_height,
-        min_derivative=min_derivative,
+        "circular",
+        -bound,
+        bound,
+        inverse,
+        min_bin_width,
+        min_bin_height,
+        min_derivative,
     )
