@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 GALAXIES = ROOT / ".." / "shared" / "data" / "galaxies" / "galaxies.csv"
@@ -16,23 +16,6 @@ GALAXIES = ROOT / ".." / "shared" / "data" / "galaxies" / "galaxies.csv"
 needs_galaxies = pytest.mark.skipif(
     not GALAXIES.is_file(), reason=f"galaxy data not found at {GALAXIES}"
 )
-
-
-def load_script(relative: str):
-    """Import a script by path (registered in ``sys.modules`` so its dataclasses work)."""
-    path = ROOT / relative
-    name = "_script_" + path.stem
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
 
 
 @pytest.fixture(scope="module")

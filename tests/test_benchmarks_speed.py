@@ -4,26 +4,16 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from _scripts import load_script
 from torch.distributions import Distribution
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def speed():
-    path = ROOT / "benchmarks" / "speed.py"
-    name = "_script_speed"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_script("benchmarks/speed.py")
 
 
 def _importable(*names: str) -> list[str]:

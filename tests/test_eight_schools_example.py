@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = (
@@ -17,12 +17,7 @@ REFERENCE = (
 
 @pytest.fixture(scope="module")
 def eight_schools():
-    spec = importlib.util.spec_from_file_location(
-        "example_eight_schools", ROOT / "examples" / "eight_schools.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/eight_schools.py")
 
 
 def test_smoke(eight_schools, tmp_path):
@@ -40,8 +35,11 @@ def test_smoke(eight_schools, tmp_path):
 
 def test_compare_is_zero_for_the_reference_itself(eight_schools):
     rng = np.random.default_rng(0)
-    ref = {"mu": rng.normal(size=500), "tau": rng.gamma(2.0, size=500),
-           "theta": rng.normal(size=(500, 8))}
+    ref = {
+        "mu": rng.normal(size=500),
+        "tau": rng.gamma(2.0, size=500),
+        "theta": rng.normal(size=(500, 8)),
+    }
     assert eight_schools.compare(ref, ref) == {"max_z_mean": 0.0, "max_abs_log_sd_ratio": 0.0}
     shifted = dict(ref, mu=ref["mu"] + ref["mu"].std(ddof=1))
     assert eight_schools.compare(shifted, ref)["max_z_mean"] == pytest.approx(1.0)

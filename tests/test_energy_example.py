@@ -2,28 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pyro
 import pytest
 import torch
+from _scripts import load_script
 from pyro.infer.autoguide import init_to_value
 
 from pyroflows.infer import AutoFlow
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def energy_2d():
-    spec = importlib.util.spec_from_file_location(
-        "example_energy_2d", ROOT / "examples" / "energy_2d.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/energy_2d.py")
 
 
 @pytest.fixture(autouse=True)

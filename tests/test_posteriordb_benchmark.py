@@ -2,38 +2,23 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "posteriordb"
-BENCH = ROOT / "benchmarks" / "posteriordb"
 
-pytestmark = pytest.mark.skipif(
-    not DATA.is_dir(), reason=f"posteriordb data not found at {DATA}"
-)
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"posteriordb data not found at {DATA}")
 
 
 def _load_runner():
-    if str(BENCH) not in sys.path:  # run.py imports models.py and metrics.py by name
-        sys.path.insert(0, str(BENCH))
-    key = "_posteriordb_run"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, BENCH / "run.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[key]
-            raise
-    return sys.modules[key]
+    # run.py imports models.py and metrics.py by name
+    return load_script("benchmarks/posteriordb/run.py", siblings=True)
 
 
 def test_quick_run(tmp_path, capsys):
@@ -57,8 +42,11 @@ def test_quick_run(tmp_path, capsys):
     # the Markdown table: a header with every guide, one row per posterior
     table = out_file.read_text()
     header = next(line for line in table.splitlines() if line.startswith("| posterior"))
-    assert [c.strip() for c in header.strip("|").split("|")] == ["posterior", "noise floor",
-                                                                  *guides]
+    assert [c.strip() for c in header.strip("|").split("|")] == [
+        "posterior",
+        "noise floor",
+        *guides,
+    ]
     for name in names:
         row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
         assert len(row.strip("|").split("|")) == len(guides) + 2

@@ -6,42 +6,25 @@ every test skips without it.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _scripts import load_script
 from pyro import poutine
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "posteriordb"
-BENCH = ROOT / "benchmarks" / "posteriordb"
 
-pytestmark = pytest.mark.skipif(
-    not DATA.is_dir(), reason=f"posteriordb data not found at {DATA}"
-)
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"posteriordb data not found at {DATA}")
 
 
 def _load(name: str):
     """Import ``benchmarks/posteriordb/<name>.py`` by path (registered in ``sys.modules``)."""
-    key = f"_posteriordb_{name}"
-    if key in sys.modules:
-        return sys.modules[key]
-    if str(BENCH) not in sys.path:  # run.py imports its siblings by name
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(key, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[key] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[key]
-        raise
-    return module
+    return load_script(f"benchmarks/posteriordb/{name}.py", siblings=True)
 
 
 models = _load("models")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import struct
 import zipfile
@@ -12,6 +11,7 @@ import numpy as np
 import pyro
 import pytest
 import torch
+from _scripts import load_script
 from pyro import poutine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,12 +20,7 @@ MNIST = ROOT / ".." / "shared" / "data" / "mnist_test"
 
 @pytest.fixture(scope="module")
 def vae_mnist():
-    spec = importlib.util.spec_from_file_location(
-        "example_vae_mnist", ROOT / "examples" / "vae_mnist.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/vae_mnist.py")
 
 
 def idx_bytes(array: np.ndarray, code: int) -> bytes:
