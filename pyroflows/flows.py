@@ -171,10 +171,9 @@ def coupling_flow(
     mask = torch.zeros(input_dim, dtype=torch.bool)
     for i in range(num_layers):
         if i % 2 == 0:
+            kept = torch.randperm(input_dim, generator=generator, device="cpu")[: input_dim // 2]
             mask = torch.zeros(input_dim, dtype=torch.bool)
-            mask[torch.randperm(input_dim, generator=generator, device="cpu")[: input_dim // 2]] = (
-                True
-            )
+            mask[kept] = True
         else:
             mask = ~mask if input_dim > 1 else mask
         layers.append(

@@ -22,7 +22,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -366,15 +366,9 @@ def fit(
         flow.train()
         perm = torch.randperm(len(x_train), generator=shuffle, device="cpu")
         mine = perm[: rows_per_rank * world][rank::world]
-        # The epoch's indices move once, not batch by batch (each move would wait for the GPU).
-        mine_x = mine.to(x_train.device)
-        mine_c = None if c_train is None else mine.to(c_train.device)
         total_t = torch.zeros((), dtype=torch.float64, device=device)  # read once per epoch
         count = 0
-        for b in range(steps_per_epoch):
-            rows = slice(b * batch_size, (b + 1) * batch_size)
-            xb = x_train[mine_x[rows]].to(device, non_blocking=True)
-            cb = None if c_train is None else c_train[mine_c[rows]].to(device, non_blocking=True)
+        for b, (xb, cb) in enumerate(_batches(x_train, c_train, mine, batch_size, device)):
             n_rows = len(xb)
             for group in optimizer.param_groups:
                 group["lr"] = lr * lr_scale * _lr_factor(schedule, step, total_steps)
@@ -548,6 +542,22 @@ def _place(t: Tensor | None, device: torch.device, dtype: torch.dtype) -> Tensor
     return t.pin_memory()
 
 
+def _batches(
+    x: Tensor, c: Tensor | None, idx: Tensor, size: int, device: torch.device
+) -> Iterator[tuple[Tensor, Tensor | None]]:
+    """Rows ``x[idx]`` (and ``c[idx]``) in batches of ``size``, moved to ``device``.
+
+    The indices move to the data once, not batch by batch (each move would wait for the GPU).
+    """
+    idx_x = idx.to(x.device)
+    idx_c = None if c is None else idx.to(c.device)
+    for start in range(0, len(idx), size):
+        rows = slice(start, start + size)
+        xb = x[idx_x[rows]].to(device, non_blocking=True)
+        cb = None if c is None else c[idx_c[rows]].to(device, non_blocking=True)
+        yield xb, cb
+
+
 def _grad_norm(flow: Flow) -> Tensor:
     grads = [p.grad.detach().norm() for p in flow.parameters() if p.grad is not None]
     if not grads:  # no parameter received a gradient
@@ -567,13 +577,8 @@ def _reduce_mean(total: float, count: int, world: int, device: torch.device) -> 
 def _evaluate(flow, x, c, batch_size, rank, world, device) -> float:
     flow.eval()
     idx = torch.arange(rank, len(x), world)
-    idx_x = idx.to(x.device)
-    idx_c = None if c is None else idx.to(c.device)
     total = torch.zeros((), dtype=torch.float64, device=device)  # read once, at the end
-    for start in range(0, len(idx), 4 * batch_size):
-        rows = slice(start, start + 4 * batch_size)
-        xb = x[idx_x[rows]].to(device, non_blocking=True)
-        cb = None if c is None else c[idx_c[rows]].to(device, non_blocking=True)
+    for xb, cb in _batches(x, c, idx, 4 * batch_size, device):
         with pyro.validation_enabled(False):  # the rows were checked once, up front
             total -= flow.condition(cb).log_prob(xb).sum().to(torch.float64)
     value = _reduce_mean(float(total), len(idx), world, device)
