@@ -6,7 +6,7 @@ Layers map base to data (``x = f(z)``, Pyro's convention) and are Pyro
 
 from . import conditioners, datasets, flows, infer, plot, splines, transformers
 from .distribution import DiagNormal, Flow, FlowDistribution
-from .infer import AutoFlow
+from .infer import AutoFlow, GuideTraining, train_guide
 from .io import load, save
 from .training import FitHistory, fit
 from .transforms import (
@@ -18,6 +18,7 @@ from .transforms import (
     Inverse,
     LULinear,
     Permute,
+    Precondition,
     Reverse,
     Standardize,
     SupportMap,
@@ -40,6 +41,7 @@ __all__ = [
     "Reverse",
     "LULinear",
     "ActNorm",
+    "Precondition",
     "Standardize",
     "SupportMap",
     "fit",
@@ -47,6 +49,8 @@ __all__ = [
     "Diagnosis",
     "to_inference_data",
     "AutoFlow",
+    "train_guide",
+    "GuideTraining",
     "FitHistory",
     "save",
     "load",

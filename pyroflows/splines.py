@@ -118,6 +118,19 @@ def _empty_in_layout(shape: torch.Size, stride: tuple[int, ...], like: Tensor) -
     return dense.permute([order.index(i) for i in range(len(shape))])
 
 
+def _out(buffer: Tensor) -> Tensor | None:
+    """``buffer`` as the ``out=`` target of an operation, or ``None`` under `torch.jit.trace`.
+
+    The tracer records a custom Function's forward both as one opaque node and op by op
+    into the enclosing graph. Dead-code elimination drops the op-by-op copy, except writes
+    into tensors it cannot prove private (views from ``unbind``, ``out=`` targets), and those
+    would then run on every call of the traced graph, with gradients on, where ``out=`` with
+    inputs that require grad is an error (Pyro's ``JitTrace_ELBO``). Traced, the operation
+    allocates its result instead: nothing leaks, and eager code keeps writing in place.
+    """
+    return None if torch.jit.is_tracing() else buffer
+
+
 def _rq_values(
     v: Tensor,
     x_k: Tensor,
@@ -262,16 +275,18 @@ class _RationalQuadratic(torch.autograd.Function):
 
         # Unnormalised softmax of widths and heights together: e (2, K, ...), contiguous.
         raw = theta[: 2 * k].unflatten(0, (2, k))
-        e = raw.new_empty(raw.shape)
-        torch.sub(raw, raw.amax(1, keepdim=True), out=e).exp_()
+        e = _out(raw.new_empty(raw.shape))
+        e = torch.exp(torch.sub(raw, raw.amax(1, keepdim=True), out=e), out=e)
         # Exclusive cumulative sums c[j, s] = sum(e[s, :j]), j = 0..K, of both sides; c[K]
         # is the softmax normaliser z. A loop of slab additions: the bins are few and the
         # batch is wide, where cumsum and small matrix products are slow.
-        c = e.new_empty((k + 1, 2) + shape)
-        rows, bins = c.unbind(0), e.unbind(1)
-        rows[0].zero_()
+        # Eager, the rows are written straight into c; traced (no buffer), stacked at the end.
+        bins, c = e.unbind(1), _out(e.new_empty((k + 1, 2) + shape))
+        rows = [None] * (k + 1) if c is None else list(c.unbind(0))
+        rows[0] = torch.zeros(bins[0].shape, dtype=e.dtype, device=e.device, out=rows[0])
         for j in range(k):
-            torch.add(rows[j], bins[j], out=rows[j + 1])
+            rows[j + 1] = torch.add(rows[j], bins[j], out=rows[j + 1])
+        c = torch.stack(rows) if c is None else c
         z = rows[k]
         side = 1 if inverse else 0
         if k > 1:
@@ -284,8 +299,7 @@ class _RationalQuadratic(torch.autograd.Function):
             steps = torch.arange(1, k, dtype=e.dtype, device=e.device)
             steps = steps.view((k - 1,) + (1,) * len(shape))
             lhs = torch.addcmul(torch.sub(v, low).mul_(q / span), steps, q * min_size, value=-1.0)
-            torch.ge(lhs, c[1:k, side], out=lhs)
-            idx = lhs.sum(0)
+            idx = torch.ge(lhs, c[1:k, side], out=_out(lhs)).sum(0, dtype=lhs.dtype)
         else:
             idx = torch.zeros_like(v)
         knots = torch.stack([idx, idx + 1.0])  # the knots on either side of v

@@ -40,6 +40,7 @@ from .transforms import (
     Inverse,
     LULinear,
     Permute,
+    Precondition,
     Reverse,
     Standardize,
     SupportMap,
@@ -193,6 +194,20 @@ LAYERS: dict[str, LayerSpec] = {
         starts_as_identity=False,
     ),
     "act_norm": LayerSpec(lambda d, c: ActNorm(d), conditional=False),
+    "precondition": LayerSpec(
+        lambda d, c: Precondition(
+            torch.linspace(-1.0, 1.0, d),
+            torch.eye(d) * torch.linspace(0.5, 2.0, d) + 0.3 * torch.ones(d, d).tril(-1),
+            init_scale=0.7,
+        ),
+        conditional=False,
+        starts_as_identity=False,
+    ),
+    "precondition_diagonal": LayerSpec(
+        lambda d, c: Precondition(torch.linspace(-1.0, 1.0, d), torch.linspace(0.5, 2.0, d)),
+        conditional=False,
+        starts_as_identity=False,
+    ),
     "standardize": LayerSpec(
         lambda d, c: Standardize(torch.linspace(-1.0, 1.0, d), torch.linspace(0.5, 2.0, d)),
         conditional=False,

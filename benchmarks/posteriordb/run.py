@@ -1,16 +1,19 @@
 """Accuracy of flow guides against posteriordb reference posteriors.
 
-For each posterior (a hand-written Pyro port, see ``models.py``) every guide is fitted with
-the same SVI budget (``Trace_ELBO`` with vectorised particles, ``ClippedAdam`` with
-exponential learning-rate decay, the same data-based initial point), then 10,000 guide draws
-are mapped to the reference's columns and compared with the reference draws (``metrics.py``),
-and PSIS k-hat is computed from the importance weights ``log p - log q``.
+For each posterior (a hand-written Pyro port, see ``models.py``) every guide is trained by
+`pyroflows.infer.train_guide` with its defaults (16 vectorised particles, Adam with a
+learning rate that decays when the ELBO stops improving, stop when it no longer improves),
+then 10,000 guide draws are mapped to the reference's columns and compared with the
+reference draws (``metrics.py``), and PSIS k-hat (from `pyroflows.diagnose`) says whether the
+guide itself could have told. `AutoFlow` is built with its defaults (preconditioned at the
+mode, its own start point); the Pyro guides start from the posterior's data-based initial
+point (``init_to_value``), which flat priors need.
 
 Usage::
 
-    python benchmarks/posteriordb/run.py --out results.md          # full run (~33 min)
-    python benchmarks/posteriordb/run.py --quick                   # CI smoke run (< 60 s)
-    python benchmarks/posteriordb/run.py --posteriors arK-arK --guides AutoFlow-spline
+    python benchmarks/posteriordb/run.py --seeds 0,1,2 --out results.md   # full run
+    python benchmarks/posteriordb/run.py --quick                          # CI smoke run
+    python benchmarks/posteriordb/run.py --posteriors arK-arK --guides AutoFlow
 
 Writes a Markdown table (printed, and to ``--out``) and a JSON file with every number
 (``--json``, default ``--out`` with suffix ``.json``).
@@ -34,15 +37,14 @@ import numpy as np
 import pyro
 import torch
 from pyro import poutine
-from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import (
     AutoIAFNormal,
+    AutoLaplaceApproximation,
     AutoMultivariateNormal,
     AutoNormal,
     init_to_value,
 )
 from pyro.infer.autoguide.initialization import InitMessenger
-from pyro.optim import ClippedAdam
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
@@ -57,41 +59,33 @@ from models import (  # noqa: E402
     max_plate_nesting,
     per_particle,
 )
-from precondition import laplace_whiten  # noqa: E402
 
 DEFAULT_DATA = HERE.parents[1].parent / "shared" / "data" / "posteriordb"
-BASE_GUIDES = ("AutoNormal", "AutoMultivariateNormal", "AutoIAFNormal", "AutoFlow-affine",
-               "AutoFlow-spline")
-# "+laplace": the same guide fitted to the Laplace-whitened posterior (precondition.py), a
-# prototype of the AutoFlow initialisation this benchmark argues for; MVN for comparison.
-EXTRA_GUIDES = ("AutoMultivariateNormal+laplace", "AutoFlow-spline+laplace")
-GUIDES = BASE_GUIDES + EXTRA_GUIDES
-# Newton iterations looking for the mode before the Laplace approximation (0: at the init);
-# the full run in results.md used 0, see README.md
-LAPLACE_MODE_ITER = 100
-QUICK_GUIDES = BASE_GUIDES + ("AutoFlow-spline+laplace",)
+PYRO_GUIDES = ("AutoNormal", "AutoMultivariateNormal", "AutoIAFNormal",
+               "AutoLaplaceApproximation")
+# AutoFlow with its defaults; "-affine": affine IAF layers; "-off": preconditioning off and
+# the data-based start with scale 0.1 (AutoFlow before preconditioning); "-nostl": the
+# total gradient instead of the path derivative
+FLOW_GUIDES = ("AutoFlow", "AutoFlow-affine", "AutoFlow-off", "AutoFlow-nostl")
+GUIDES = PYRO_GUIDES + FLOW_GUIDES
+DEFAULT_GUIDES = PYRO_GUIDES + ("AutoFlow",)
+QUICK_GUIDES = ("AutoNormal", "AutoMultivariateNormal", "AutoFlow")
 QUICK_POSTERIORS = ("eight_schools-eight_schools_noncentered", "kilpisjarvi_mod-kilpisjarvi")
 
 
 @dataclass(frozen=True)
 class Settings:
-    """One training budget, shared by every guide."""
+    """One training budget, shared by every guide (``None``: the trainer's default)."""
 
-    steps: int = 2000
-    particles: int = 8
-    lr: float = 0.01
-    final_lr: float = 1e-4
-    clip_norm: float = 10.0
-    init_scale: float = 0.1
+    max_steps: int | None = None
+    particles: int | None = None
     num_layers: int = 3
-    hidden_dims: tuple[int, ...] | None = None
-    count_bins: int = 8
     num_samples: int = 10_000
     khat_samples: int = 4000
     seed: int = 0
 
 
-QUICK = Settings(steps=150, num_samples=2000, khat_samples=1000)
+QUICK = Settings(max_steps=150, num_samples=2000, khat_samples=1000)
 
 
 @contextlib.contextmanager
@@ -106,37 +100,62 @@ def float64() -> Iterator[None]:
 
 
 def make_guide(name: str, model: Callable, data: dict, init: dict, s: Settings):
-    """Build guide ``name`` for ``model``, started at ``init`` (constrained site values)."""
+    """Build guide ``name`` for ``model``; the Pyro guides start at ``init`` (constrained)."""
+    from pyroflows.infer import AutoFlow
+
     init_fn = init_to_value(values=init)
     if name == "AutoNormal":
-        guide = AutoNormal(model, init_loc_fn=init_fn, init_scale=s.init_scale)
+        guide = AutoNormal(model, init_loc_fn=init_fn)
     elif name == "AutoMultivariateNormal":
-        guide = AutoMultivariateNormal(model, init_loc_fn=init_fn, init_scale=s.init_scale)
+        guide = AutoMultivariateNormal(model, init_loc_fn=init_fn)
+    elif name == "AutoLaplaceApproximation":
+        guide = AutoLaplaceApproximation(model, init_loc_fn=init_fn)
     elif name == "AutoIAFNormal":
         dim = sum(max(1, v.numel()) for v in init.values())
-        hidden = list(s.hidden_dims or (max(32, 2 * dim),) * 2)
-        # Its base is N(0, I) on the unconstrained scale whatever the init; it traces the model
-        # once with init_to_feasible, which cannot sample flat (ImproperUniform) sites, so the
-        # model it traces (not the one SVI runs) gets our values first.
-        guide = AutoIAFNormal(
-            InitMessenger(init_fn)(model), hidden_dim=hidden, num_transforms=s.num_layers
-        )
-    elif name.startswith("AutoFlow-"):
-        from pyroflows.infer import AutoFlow
-
-        guide = AutoFlow(
-            model,
-            layers=name.split("-", 1)[1],
-            num_layers=s.num_layers,
-            hidden_dims=s.hidden_dims,
-            count_bins=s.count_bins,
-            init_loc_fn=init_fn,
-            init_scale=s.init_scale,
-        )
+        # Same depth and width as AutoFlow's default. Its base is N(0, I) on the
+        # unconstrained scale whatever the init; it traces the model once with
+        # init_to_feasible, which cannot sample flat (ImproperUniform) sites, so the model it
+        # traces (not the one SVI runs) gets our values first.
+        guide = AutoIAFNormal(InitMessenger(init_fn)(model), hidden_dim=[max(32, 2 * dim)] * 2,
+                              num_transforms=s.num_layers)
+    elif name == "AutoFlow":
+        guide = AutoFlow(model, num_layers=s.num_layers)
+    elif name == "AutoFlow-affine":
+        guide = AutoFlow(model, layers="affine", num_layers=s.num_layers)
+    elif name == "AutoFlow-nostl":
+        guide = AutoFlow(model, num_layers=s.num_layers, stick_the_landing=False)
+    elif name == "AutoFlow-off":
+        guide = AutoFlow(model, num_layers=s.num_layers, precondition="off", init_loc_fn=init_fn)
     else:
-        raise ValueError(f"unknown guide {name!r}; choose among {BASE_GUIDES}")
+        raise ValueError(f"unknown guide {name!r}; choose among {GUIDES}")
     guide(data)  # create the parameters now
     return guide
+
+
+def fit(post: Posterior, data: dict, guide_name: str, s: Settings) -> tuple[Any, dict]:
+    """Train one guide with `train_guide`'s defaults; returns the guide and statistics."""
+    from pyroflows.infer import train_guide
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(s.seed)
+    start = time.perf_counter()
+    guide = make_guide(guide_name, post.model, data, post.init_values(data), s)
+    setup = time.perf_counter() - start
+    options = {"max_steps": s.max_steps, "num_particles": s.particles}
+    history = train_guide(post.model, guide, data, progress=False,
+                          **{k: v for k, v in options.items() if v is not None})
+    if guide_name == "AutoLaplaceApproximation":
+        guide = guide.laplace_approximation(data)
+    stats = {
+        "fit_seconds": time.perf_counter() - start,
+        "setup_seconds": setup,
+        "steps": history.num_steps,
+        "stopped": history.stopped,
+        "final_loss": history.final_loss,
+        "nonfinite_steps": history.nonfinite_steps,
+        "preconditioning": str(getattr(guide, "preconditioning", "")),
+    }
+    return guide, stats
 
 
 def plate_nesting(model: Callable, guide: Callable, data: dict) -> int:
@@ -144,37 +163,6 @@ def plate_nesting(model: Callable, guide: Callable, data: dict) -> int:
     proto = poutine.trace(guide).get_trace(data)
     return max(max_plate_nesting(guide, data),
                max_plate_nesting(poutine.replay(model, trace=proto), data))
-
-
-def fit(post: Posterior, data: dict, guide_name: str, s: Settings) -> tuple[Any, dict]:
-    """Fit one guide with SVI; returns the guide and training statistics."""
-    pyro.clear_param_store()
-    pyro.set_rng_seed(s.seed)
-    guide = make_guide(guide_name, post.model, data, post.init_values(data), s)
-    nesting = plate_nesting(post.model, guide, data)
-    optim = ClippedAdam(
-        {"lr": s.lr, "lrd": (s.final_lr / s.lr) ** (1 / max(1, s.steps)), "clip_norm": s.clip_norm}
-    )
-    elbo = Trace_ELBO(
-        num_particles=s.particles, vectorize_particles=True, max_plate_nesting=nesting
-    )
-    svi = SVI(post.model, guide, optim, elbo)
-    losses, bad = [], 0
-    start = time.perf_counter()
-    for _ in range(s.steps):
-        loss = svi.step(data)
-        if not math.isfinite(loss):
-            bad += 1
-        losses.append(loss)
-    seconds = time.perf_counter() - start
-    tail = np.asarray(losses[-max(1, s.steps // 10):])
-    tail = tail[np.isfinite(tail)]
-    stats = {
-        "fit_seconds": seconds,
-        "final_loss": float(tail.mean()) if len(tail) else float("nan"),
-        "nonfinite_steps": bad,
-    }
-    return guide, stats
 
 
 @torch.no_grad()
@@ -248,17 +236,10 @@ def psis_khat(model: Callable, guide: Callable, data: dict, n: int, seed: int) -
 
 def evaluate(post: Posterior, data: dict, ref: np.ndarray, guide_name: str,
              s: Settings) -> dict:
-    """Fit one guide on one posterior and score it against the reference.
-
-    ``guide_name`` is one of `BASE_GUIDES`, optionally with ``+laplace``: then the guide is
-    fitted to the Laplace-whitened posterior (same columns, same importance weights).
-    """
-    base, _, option = guide_name.partition("+")
-    if option not in ("", "laplace") or base not in BASE_GUIDES:
+    """Fit one guide on one posterior and score it against the reference."""
+    if guide_name not in GUIDES:
         raise ValueError(f"unknown guide {guide_name!r}")
-    if option == "laplace":
-        post = laplace_whiten(post, data, mode_iter=LAPLACE_MODE_ITER)
-    guide, stats = fit(post, data, base, s)
+    guide, stats = fit(post, data, guide_name, s)
     start = time.perf_counter()
     pyro.set_rng_seed(s.seed + 1)
     # Extreme guide draws (e.g. tau = exp(-800) = 0 in a funnel) must give non-finite
@@ -283,59 +264,57 @@ def _fmt(x: float, digits: int = 3) -> str:
     return f"{x:.{digits}f}" if abs(x) < 1000 else f"{x:.2g}"
 
 
+def _stat(cells: list[dict], key: str) -> tuple[float, float]:
+    """Mean and sd over seeds of one number (sd 0 for one seed)."""
+    x = np.asarray([c[key] for c in cells], dtype=float)
+    return float(x.mean()), float(x.std(ddof=1)) if len(x) > 1 else 0.0
+
+
+def _cell(cells: list[dict], key: str, digits: int = 3) -> str:
+    mean, sd = _stat(cells, key)
+    return _fmt(mean, digits) + (f" ± {_fmt(sd, digits)}" if len(cells) > 1 else "")
+
+
 def tables(results: dict, guides: Sequence[str]) -> str:
-    """Markdown tables: ``sliced-W2 / k-hat`` per cell, then ``max z_mean / max |log sd|``."""
-    lines = ["sliced-W2 / k-hat (noise floor: reference chains 1-5 vs 6-10; **bold**: best "
-             "sliced-W2 of the row)", ""]
-    lines.append("| posterior | noise floor | " + " | ".join(guides) + " |")
-    lines.append("|---" * (len(guides) + 2) + "|")
-    for name, row in results.items():
-        cells = []
-        w2 = {g: row["guides"][g]["sliced_w2"] for g in guides if g in row["guides"]}
-        finite = [v for v in w2.values() if math.isfinite(v)]
-        best = min(finite) if finite else None
-        for g in guides:
-            r = row["guides"].get(g)
-            if r is None:
-                cells.append("n/a")
-                continue
-            text = f"{_fmt(r['sliced_w2'])} / {_fmt(r['khat'], 2)}"
-            cells.append(f"**{text}**" if r["sliced_w2"] == best else text)
-        lines.append(f"| {name} | {_fmt(row['noise_floor']['sliced_w2'])} | "
-                     + " | ".join(cells) + " |")
-    lines += ["", "max z_mean / max |log sd ratio|", ""]
-    lines.append("| posterior | noise floor | " + " | ".join(guides) + " |")
-    lines.append("|---" * (len(guides) + 2) + "|")
-    for name, row in results.items():
-        nf = row["noise_floor"]
-        cells = [
-            f"{_fmt(r['z_mean'])} / {_fmt(r['log_sd'])}" if (r := row["guides"].get(g)) else "n/a"
-            for g in guides
-        ]
-        lines.append(f"| {name} | {_fmt(nf['z_mean'])} / {_fmt(nf['log_sd'])} | "
-                     + " | ".join(cells) + " |")
+    """Markdown tables (mean ± sd over seeds): sliced-W2, k-hat, moments, fit time."""
+    blocks = [
+        ("sliced-W2 (noise floor: reference chains 1-5 vs 6-10; **bold**: best mean of the "
+         "row)", "sliced_w2", 3),
+        ("PSIS k-hat (4000 draws; > 0.7: do not trust)", "khat", 2),
+        ("max z_mean (|mean error| in reference sds, worst column)", "z_mean", 3),
+        ("max |log sd ratio| (worst column)", "log_sd", 3),
+        ("fit wall time, s (set-up, preconditioning and training)", "fit_seconds", 1),
+    ]
+    lines: list[str] = []
+    for title, key, digits in blocks:
+        lines += [title, "", "| posterior | noise floor | " + " | ".join(guides) + " |",
+                  "|---" * (len(guides) + 2) + "|"]
+        for name, row in results.items():
+            means = {g: _stat(row["guides"][g], key)[0] for g in guides}
+            finite = [v for v in means.values() if math.isfinite(v)]
+            best = min(finite) if finite and key == "sliced_w2" else None
+            cells = [f"**{_cell(row['guides'][g], key, digits)}**" if means[g] == best
+                     else _cell(row["guides"][g], key, digits) for g in guides]
+            floor = _fmt(row["noise_floor"].get(key, math.nan), digits)
+            lines.append(f"| {name} | {floor} | " + " | ".join(cells) + " |")
+        lines.append("")
     return "\n".join(lines)
 
 
 def targets(results: dict, guides: Sequence[str]) -> list[str]:
-    """The issue's targets, checked for each AutoFlow column.
-
-    A plain AutoFlow column is compared with the plain Pyro guides, a ``+laplace`` one with
-    every Pyro guide run (plain and ``+laplace``).
-    """
+    """The issue's targets, checked for each AutoFlow column on the means over seeds."""
     out = []
+    rivals = [g for g in guides if not g.startswith("AutoFlow")]
     for flow in [g for g in guides if g.startswith("AutoFlow")]:
-        rivals = [g for g in guides if not g.startswith("AutoFlow")
-                  and ("+" in flow or "+" not in g)]
         beats, near, flagged, missed = [], [], [], []
         for name, row in results.items():
-            r = row["guides"][flow]
-            others = [row["guides"][g]["sliced_w2"] for g in rivals]
-            if all(r["sliced_w2"] < o or not math.isfinite(o) for o in others):
+            w2 = _stat(row["guides"][flow], "sliced_w2")[0]
+            others = [_stat(row["guides"][g], "sliced_w2")[0] for g in rivals]
+            if all(w2 < o or not math.isfinite(o) for o in others):
                 beats.append(name)
-            if r["sliced_w2"] <= 2 * row["noise_floor"]["sliced_w2"]:
+            if w2 <= 2 * row["noise_floor"]["sliced_w2"]:
                 near.append(name)
-            elif r["khat"] > 0.7:
+            elif _stat(row["guides"][flow], "khat")[0] > 0.7:
                 flagged.append(name)
             else:
                 missed.append(name)
@@ -349,26 +328,29 @@ def targets(results: dict, guides: Sequence[str]) -> list[str]:
 
 
 def run(names: Sequence[str], guides: Sequence[str], s: Settings, root: Path,
-        log: Callable[[str], None] = print) -> dict:
-    """Fit and score every guide on every posterior; returns the JSON-ready results."""
+        seeds: Sequence[int] = (0,), log: Callable[[str], None] = print) -> dict:
+    """Fit and score every guide on every posterior for every seed (JSON-ready results)."""
     results: dict[str, Any] = {}
     for name in names:
         post = POSTERIORS[name]
         data, ref = load_data(root, post), load_reference(root, post)
-        row = {"noise_floor": metrics.noise_floor(ref, seed=s.seed), "guides": {}}
+        row = {"noise_floor": metrics.noise_floor(ref, seed=0),
+               "guides": {g: [] for g in guides}}
         for g in guides:
-            try:
-                r = evaluate(post, data, ref, g, s)
-            except Exception as error:  # one failed fit must not stop the benchmark
-                nan = float("nan")
-                r = {k: nan for k in ("z_mean", "log_sd", "sliced_w2", "energy", "khat", "ess",
-                                      "final_loss", "fit_seconds", "eval_seconds")}
-                r.update(finite=0.0, source=f"failed: {type(error).__name__}: {error}")
-            row["guides"][g] = r
-            log(f"{name:42s} {g:24s} sW2 {_fmt(r['sliced_w2'])} (floor "
-                f"{_fmt(row['noise_floor']['sliced_w2'])}) k-hat {_fmt(r['khat'], 2)} "
-                f"z {_fmt(r['z_mean'])} logsd {_fmt(r['log_sd'])} fit "
-                f"{r['fit_seconds']:.1f}s eval {r['eval_seconds']:.1f}s")
+            for seed in seeds:
+                try:
+                    r = evaluate(post, data, ref, g, replace(s, seed=seed))
+                except Exception as error:  # one failed fit must not stop the benchmark
+                    nan = float("nan")
+                    r = {k: nan for k in ("z_mean", "log_sd", "sliced_w2", "energy", "khat",
+                                          "ess", "final_loss", "fit_seconds", "eval_seconds")}
+                    r.update(finite=0.0, source=f"failed: {type(error).__name__}: {error}")
+                row["guides"][g].append({"seed": seed, **r})
+                log(f"{name:42s} {g:24s} seed {seed} sW2 {_fmt(r['sliced_w2'])} (floor "
+                    f"{_fmt(row['noise_floor']['sliced_w2'])}) k-hat {_fmt(r['khat'], 2)} "
+                    f"z {_fmt(r['z_mean'])} logsd {_fmt(r['log_sd'])} fit "
+                    f"{r['fit_seconds']:.1f}s ({r.get('steps', 0)} steps) eval "
+                    f"{r['eval_seconds']:.1f}s {r.get('preconditioning', '')}")
         results[name] = row
     return results
 
@@ -377,15 +359,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="CI mode: 2 posteriors, few steps")
     p.add_argument("--posteriors", help="comma-separated folder names (default all 9)")
-    p.add_argument("--guides", help=f"comma-separated among {','.join(GUIDES)}")
-    p.add_argument("--steps", type=int, help="SVI steps per fit")
-    p.add_argument("--particles", type=int, help="ELBO particles per step")
-    p.add_argument("--lr", type=float, help="initial learning rate")
-    p.add_argument("--final-lr", type=float, help="learning rate at the last step")
-    p.add_argument("--init-scale", type=float, help="initial guide scale (unconstrained)")
+    p.add_argument("--guides", help=f"comma-separated among {','.join(GUIDES)} "
+                   f"(default {','.join(DEFAULT_GUIDES)})")
+    p.add_argument("--max-steps", type=int, help="bound on SVI steps (default: the trainer's)")
+    p.add_argument("--particles", type=int, help="ELBO particles (default: the trainer's)")
     p.add_argument("--num-layers", type=int, help="flow layers (AutoFlow, AutoIAFNormal)")
     p.add_argument("--num-samples", type=int, help="guide draws scored against the reference")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (table: mean ± sd)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="posteriordb folder")
     p.add_argument("--out", type=Path, help="write the Markdown tables here")
     p.add_argument("--json", type=Path, help="write all numbers here (default: --out .json)")
@@ -397,21 +377,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Command-line entry point; returns the results dict (with the table under ``table``)."""
     args = parse_args(argv)
     s = QUICK if args.quick else Settings()
-    overrides = {
-        "steps": args.steps, "particles": args.particles, "lr": args.lr,
-        "final_lr": args.final_lr, "init_scale": args.init_scale,
-        "num_layers": args.num_layers, "num_samples": args.num_samples,
-    }
-    s = replace(s, seed=args.seed, **{k: v for k, v in overrides.items() if v is not None})
+    overrides = {"max_steps": args.max_steps, "particles": args.particles,
+                 "num_layers": args.num_layers, "num_samples": args.num_samples}
+    s = replace(s, **{k: v for k, v in overrides.items() if v is not None})
+    seeds = [int(x) for x in args.seeds.split(",")]
     names = args.posteriors.split(",") if args.posteriors else (
         list(QUICK_POSTERIORS) if args.quick else list(POSTERIORS)
     )
-    guides = args.guides.split(",") if args.guides else list(QUICK_GUIDES if args.quick
-                                                              else GUIDES)
-    unknown = [n for n in names if n not in POSTERIORS] + [
-        g for g in guides if g.partition("+")[0] not in BASE_GUIDES
-        or g.partition("+")[2] not in ("", "laplace")
-    ]
+    guides = args.guides.split(",") if args.guides else list(
+        QUICK_GUIDES if args.quick else DEFAULT_GUIDES)
+    unknown = [n for n in names if n not in POSTERIORS] + [g for g in guides if g not in GUIDES]
     if unknown:
         raise SystemExit(f"unknown posterior or guide: {unknown}")
     if not args.data.is_dir():
@@ -421,17 +396,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
     start = time.perf_counter()
     try:
         with float64():
-            results = run(names, guides, s, args.data)
+            results = run(names, guides, s, args.data, seeds)
     finally:
         torch.set_num_threads(threads)
     wall = time.perf_counter() - start
     table = tables(results, guides)
     summary = targets(results, guides)
-    text = (f"{table}\n\n" + "\n".join(f"* {line}" for line in summary)
-            + f"\n\nSettings: {asdict(s)}; wall time {wall:.0f} s.\n")
+    versions = f"torch {torch.__version__}, pyro-ppl {pyro.__version__}"
+    text = (f"{table}\n" + "\n".join(f"* {line}" for line in summary)
+            + f"\n\nSettings: {asdict(s)}, seeds {seeds}, {args.threads} thread(s), "
+            f"{versions}; wall time {wall:.0f} s.\n")
     print(text)
-    out = {"settings": asdict(s), "wall_seconds": wall, "results": results,
-           "targets": summary, "table": table}
+    out = {"settings": asdict(s), "seeds": seeds, "wall_seconds": wall, "results": results,
+           "targets": summary, "table": table, "versions": versions}
     if args.out:
         args.out.write_text(text)
     json_path = args.json or (args.out.with_suffix(".json") if args.out else None)

@@ -2,5 +2,6 @@
 
 from .amortized import AmortizedFlow
 from .autoflow import AutoFlow
+from .train import GuideTraining, train_guide
 
-__all__ = ["AutoFlow", "AmortizedFlow"]
+__all__ = ["AutoFlow", "AmortizedFlow", "train_guide", "GuideTraining"]

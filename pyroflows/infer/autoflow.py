@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import pyro.distributions as dist
 import torch
+from pyro import poutine
+from pyro.distributions import constraints
 from pyro.distributions.transforms import biject_to
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
@@ -14,10 +17,34 @@ from torch import Tensor
 
 from .. import flows
 from ..distribution import Flow, FlowDistribution
-from ..transforms import ActNorm
+from ..transforms import Precondition
+from .laplace import Preconditioning, laplace_preconditioner
 
-__all__ = ["AutoFlow"]
+__all__ = ["AutoFlow", "init_to_median_or_zero"]
 
+#: Largest latent dimension whose guide uses the sticking-the-landing estimator by default:
+#: scoring a draw with the parameters stopped inverts the flow, ``D`` passes per layer.
+STL_MAX_DIM = 16
+
+
+def init_to_median_or_zero(site: dict | None = None) -> Tensor | Callable:
+    """Pyro init strategy: the prior median, or for a flat prior the unconstrained zero.
+
+    Like Pyro's ``init_to_median``, except that a site whose prior cannot be sampled
+    (``dist.ImproperUniform``) starts where its unconstrained value is zero (0 on the real
+    line, 1 for a positive site, ...). `AutoFlow` then moves the guide to the mode.
+    """
+    if site is None:
+        return init_to_median_or_zero
+    try:
+        return init_to_median(site)
+    except NotImplementedError:  # the prior has no sampler: an improper (flat) prior
+        fn = site["fn"]
+        transform = biject_to(fn.support)
+        shape = transform.inverse_shape(fn.batch_shape + fn.event_shape)
+        value = transform(torch.zeros(shape, dtype=torch.get_default_dtype()))
+        value._pyro_custom_init = False
+        return value
 
 class AutoFlow(AutoContinuous):
     """Flow guide over every continuous latent site of ``model``, for SVI.
@@ -26,12 +53,18 @@ class AutoFlow(AutoContinuous):
     values are packed into one vector ``u`` of size ``D``. The guide is
 
     ``z ~ N(0, I)``, ``v = f(z)`` (flow layers in the cheap-sampling IAF direction), then
-    ``u = loc + scale * v`` (an `ActNorm` layer),
+    ``u = u0 + L (a + s * v)`` (a `pyroflows.Precondition` layer),
 
-    with ``loc`` starting at the unconstrained value given by ``init_loc_fn`` and ``scale``
-    starting at ``init_scale``, and all flow layers starting as the identity: the fresh guide
-    is a narrow Gaussian at the initial point. Samples are scored from the forward pass, so an
-    ELBO step never inverts the flow.
+    where ``u0`` and ``L`` come from the Laplace approximation of the posterior: before
+    training, the guide looks for the mode of the log joint density of ``u`` (starting from
+    ``init_loc_fn``) and takes ``L L^T`` = the inverse Hessian there. The flow then works on
+    a posterior whose scales are about one and whose correlations are mostly gone, which is
+    what stochastic-gradient VI needs on ill-conditioned posteriors. ``a`` (zero) and ``s``
+    (``init_scale``) are learned, and every flow layer starts as the identity: the fresh guide
+    is the Laplace approximation. What preconditioning did (form,
+    mode or fallback, cost) is in ``guide.preconditioning`` and the guide's ``repr``. Where
+    no finite mode exists (a funnel) the guide is the unpreconditioned one: centred at the
+    start point, unit ``L``, ``s = 0.1``.
 
     Parameters are created when the model is first traced: pass ``model_args`` /
     ``model_kwargs`` (or call `setup`) to create them at once, so that ``state_dict``
@@ -44,8 +77,21 @@ class AutoFlow(AutoContinuous):
         hidden_dims: hidden widths of each MADE (default two layers of ``max(32, 2 D)``).
         count_bins: spline bins.
         bound: splines act on ``[-bound, bound]`` (in units of the initial scale).
-        init_loc_fn: per-site initialisation (Pyro's ``init_to_*`` functions).
-        init_scale: initial standard deviation of the guide in unconstrained space.
+        init_loc_fn: per-site initialisation (Pyro's ``init_to_*`` functions): the start of
+            the mode search, and the guide's centre when preconditioning is off. The default
+            starts flat (improper) sites at their unconstrained zero.
+        init_scale: initial scale ``s`` of the guide, in units of the preconditioner (the
+            Laplace standard deviations; unconstrained units when preconditioning is off).
+            Default: 1 when the centre is a mode (the guide starts as the Laplace
+            approximation), else 0.1 (a narrow start at a point that is not a mode).
+        precondition: ``"auto"`` (full ``L`` up to ``D = 200``, diagonal above), ``"full"``,
+            ``"diagonal"`` or ``"off"`` (``L = I``, centred at ``init_loc_fn``). A model that
+            subsamples a plate has a noisy log density: it is not preconditioned.
+        mode_iterations: bound on the mode search (``0``: curvature at the start point).
+        stick_the_landing: score the guide's own draws with its parameters stopped (the
+            path-derivative gradient of Roeder et al., 2017, whose noise vanishes as the guide
+            reaches the posterior). Costs an inverse pass (``D`` network passes per layer);
+            default on when the guide starts at a mode and ``D <= 16`` (`STL_MAX_DIM`).
         num_quantile_samples: draws used by `median` and `quantiles`.
         model_args: positional arguments of the model, to build the guide now.
         model_kwargs: keyword arguments of the model, to build the guide now.
@@ -60,6 +106,8 @@ class AutoFlow(AutoContinuous):
         ...         pyro.sample("x", dist.Normal(mu, sigma), obs=data)
         >>> data = torch.randn(50) + 3
         >>> guide = AutoFlow(model, model_args=(data,))
+        >>> guide.preconditioning.centre
+        'mode'
         >>> optim = pyro.optim.Adam({"lr": 0.01})
         >>> svi = pyro.infer.SVI(model, guide, optim, pyro.infer.Trace_ELBO())
         >>> loss = svi.step(data)
@@ -76,8 +124,11 @@ class AutoFlow(AutoContinuous):
         hidden_dims: Sequence[int] | None = None,
         count_bins: int = 8,
         bound: float = 5.0,
-        init_loc_fn: Callable = init_to_median,
-        init_scale: float = 0.1,
+        init_loc_fn: Callable = init_to_median_or_zero,
+        init_scale: float | None = None,
+        precondition: str = "auto",
+        mode_iterations: int = 100,
+        stick_the_landing: bool | None = None,
         num_quantile_samples: int = 10_000,
         model_args: Sequence[Any] | None = None,
         model_kwargs: dict[str, Any] | None = None,
@@ -86,8 +137,17 @@ class AutoFlow(AutoContinuous):
             raise ValueError(f"layers must be 'spline' or 'affine', got {layers!r}")
         if not (isinstance(num_layers, int) and num_layers >= 0):
             raise ValueError(f"num_layers must be a non-negative integer, got {num_layers!r}")
-        if not (init_scale > 0 and math.isfinite(init_scale)):
+        if init_scale is not None and not (init_scale > 0 and math.isfinite(init_scale)):
             raise ValueError(f"init_scale must be positive, got {init_scale!r}")
+        if precondition not in ("auto", "full", "diagonal", "off"):
+            raise ValueError(
+                "precondition must be 'auto', 'full', 'diagonal' or 'off', "
+                f"got {precondition!r}"
+            )
+        if not (isinstance(mode_iterations, int) and mode_iterations >= 0):
+            raise ValueError(
+                f"mode_iterations must be a non-negative integer, got {mode_iterations!r}"
+            )
         super().__init__(model, init_loc_fn=init_loc_fn)
         self._options = {
             "layers": layers,
@@ -96,11 +156,29 @@ class AutoFlow(AutoContinuous):
             "count_bins": count_bins,
             "bound": bound,
         }
-        self._init_scale = float(init_scale)
+        self._init_scale = init_scale
+        self._precondition = precondition
+        self._mode_iterations = mode_iterations
+        self._stick_the_landing = stick_the_landing
         self.num_quantile_samples = num_quantile_samples
         self.flow: Flow | None = None
+        self.preconditioning: Preconditioning | None = None
         if model_args is not None or model_kwargs is not None:
             self.setup(*(model_args or ()), **(model_kwargs or {}))
+
+    @property
+    def stick_the_landing(self) -> bool:
+        """Whether ELBO gradients use the path derivative (see the class docstring)."""
+        if self._stick_the_landing is not None:
+            return self._stick_the_landing
+        if self.flow is None or self.preconditioning.centre != "mode":
+            return False  # far from the posterior, the path derivative alone is the noisier
+        return self.flow.input_dim <= STL_MAX_DIM
+
+    def extra_repr(self) -> str:
+        if self.preconditioning is None:
+            return "not set up"
+        return f"preconditioning: {self.preconditioning}"
 
     def setup(self, *args: Any, **kwargs: Any) -> AutoFlow:
         """Trace the model with these arguments and create all parameters. Returns ``self``."""
@@ -113,8 +191,13 @@ class AutoFlow(AutoContinuous):
         except (NotImplementedError, ValueError, RuntimeError) as error:
             self._explain_setup_error(error)
             raise
-        init = self._init_loc().detach()
-        self.flow = self._build_flow(init)
+        start = self._init_loc().detach()
+        self._refuse_dependent_supports(start, args, kwargs)
+        centre, scale, self.preconditioning = self._preconditioner(start, args, kwargs)
+        init_scale = self._init_scale
+        if init_scale is None:  # trust the curvature's scale only at a mode
+            init_scale = 1.0 if self.preconditioning.centre == "mode" else 0.1
+        self.flow = self._build_flow(centre, scale, init_scale)
 
     def _explain_setup_error(self, error: Exception) -> None:
         trace = getattr(self, "prototype_trace", None)
@@ -135,8 +218,89 @@ class AutoFlow(AutoContinuous):
                 "the model has no latent sample sites: there is nothing for AutoFlow to guide"
             ) from error
 
-    def _build_flow(self, init: Tensor) -> Flow:
-        dim = init.numel()
+    def _constrained(self, latent: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """Site values of one packed vector ``(D,)`` and ``log|det d values / d latent|``."""
+        values, log_det = {}, latent.new_zeros(())
+        for site, unconstrained in self._unpack_latent(latent):
+            transform = biject_to(site["fn"].support)
+            value = transform(unconstrained)
+            log_det = log_det + transform.log_abs_det_jacobian(unconstrained, value).sum()
+            values[site["name"]] = value
+        return values, log_det
+
+    def _model_trace(self, values: dict[str, Tensor], args: tuple, kwargs: dict):
+        with poutine.block():  # nothing leaks into an enclosing trace (e.g. SVI's)
+            conditioned = poutine.condition(self.model, data=values)
+            return poutine.trace(conditioned).get_trace(*args, **kwargs)
+
+    def log_joint(self, latent: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """``log p(data, sites(latent)) + log|det J|`` of one packed unconstrained vector.
+
+        The target density of the guide (up to a constant), the function whose mode and
+        curvature precondition it.
+        """
+        values, log_det = self._constrained(latent)
+        return self._model_trace(values, args, kwargs).log_prob_sum() + log_det
+
+    def _refuse_dependent_supports(self, start: Tensor, args: tuple, kwargs: dict) -> None:
+        """Raise if a site's support depends on another latent (``b ~ Uniform(0, a)``)."""
+        leaf = start.clone().requires_grad_(True)
+        values, _ = self._constrained(leaf)
+        trace = self._model_trace(values, args, kwargs)
+        for name in values:
+            bounds = [t for t in _constraint_tensors(trace.nodes[name]["fn"].support)
+                      if t.requires_grad]
+            if bounds and torch.autograd.grad(
+                sum(t.sum() for t in bounds), leaf, allow_unused=True
+            )[0] is not None:
+                raise ValueError(
+                    f"the support of latent site {name!r} depends on other latent sites; "
+                    "AutoFlow (like Pyro's autoguides) needs fixed supports: reparameterise "
+                    "it, e.g. b = a * pyro.sample('b_unit', dist.Uniform(0, 1))"
+                )
+
+    def _preconditioner(
+        self, start: Tensor, args: tuple, kwargs: dict
+    ) -> tuple[Tensor, Tensor, Preconditioning]:
+        """Centre and scale of the output layer, and the record of how they were found."""
+
+        def neg_log_joint(latent: Tensor) -> Tensor:
+            return -self.log_joint(latent, *args, **kwargs)
+
+        reason = self._unfit_for_preconditioning(neg_log_joint, start, args, kwargs)
+        if reason is not None:
+            record = Preconditioning("off", "start", 0, 0.0, reason)
+            return start, torch.ones_like(start), record
+
+        form = self._precondition
+        return laplace_preconditioner(
+            neg_log_joint,
+            start,
+            form=form,
+            max_iter=max(1, self._mode_iterations),
+            search=self._mode_iterations > 0,
+        )
+
+    def _unfit_for_preconditioning(
+        self, neg_log_joint: Callable, start: Tensor, args: tuple, kwargs: dict
+    ) -> str | None:
+        """Why the log joint cannot be preconditioned on, or ``None`` when it can."""
+        if self._precondition == "off":
+            return "preconditioning is off"
+        trace = self._model_trace(self._constrained(start)[0], args, kwargs)
+        if _subsampled(trace):
+            return "the model subsamples a plate, so its log density is noisy"
+        sites = [site for site in trace.nodes.values() if site["type"] == "sample"]
+        if not any(site["is_observed"] for site in sites):
+            return "the model shows no observed site (a part of an AutoGuideList?)"
+        with torch.no_grad():
+            first, second = neg_log_joint(start), neg_log_joint(start)
+        if not bool(first == second) and bool(torch.isfinite(first)):
+            return "the log density is random at a fixed point (sites hidden from the guide?)"
+        return None
+
+    def _build_flow(self, centre: Tensor, scale: Tensor, init_scale: float) -> Flow:
+        dim = centre.numel()
         opts = self._options
         width = max(32, 2 * dim)
         hidden = opts["hidden_dims"] or (width, width)
@@ -153,18 +317,26 @@ class AutoFlow(AutoContinuous):
             )
         else:
             flow = flows.iaf(dim, num_layers=opts["num_layers"], hidden_dims=hidden)
-        affine = ActNorm(dim)
-        with torch.no_grad():
-            affine.loc.copy_(init)
-            affine.log_scale.fill_(math.log(self._init_scale))
-        flow.layers.append(affine)
-        return flow.to(device=init.device, dtype=init.dtype)
+        flow.layers.append(Precondition(centre, scale, init_scale=init_scale))
+        return flow.to(device=centre.device, dtype=centre.dtype)
 
-    def get_posterior(self, *args: Any, **kwargs: Any) -> FlowDistribution:
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        if self.flow is None and any(k.startswith(prefix + "flow.") for k in state_dict):
+            raise RuntimeError(
+                "AutoFlow is not set up, so its parameters do not exist yet: build it with "
+                "AutoFlow(model, model_args=(...)) or call guide.setup(*args) before "
+                "load_state_dict"
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def get_posterior(self, *args: Any, **kwargs: Any) -> dist.TorchDistribution:
         """The guide's distribution over the packed unconstrained latent vector."""
         if self.flow is None:
             raise RuntimeError("AutoFlow is not set up: call guide.setup(*model_args) first")
-        return self.flow()
+        posterior = self.flow()
+        if self.stick_the_landing and torch.is_grad_enabled():
+            return _PathDerivative(posterior, self.flow)
+        return posterior
 
     def _constrained_samples(self, num_samples: int) -> dict[str, Tensor]:
         """Draws of every site, shaped ``(num_samples,) + site shape`` (left of any plate)."""
@@ -205,3 +377,70 @@ class AutoFlow(AutoContinuous):
     def median(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         """Posterior medians of each latent site (Monte Carlo estimate, see `quantiles`)."""
         return {name: v[0] for name, v in self.quantiles([0.5], *args, **kwargs).items()}
+
+
+class _PathDerivative(dist.TorchDistribution):
+    """The flow's distribution, scoring values with the flow's parameters stopped.
+
+    Draws are the flow's reparameterised draws; ``log_prob`` is the same number as the
+    flow's, but its gradient reaches the parameters only through the value: the
+    sticking-the-landing estimator. Scoring inverts the flow (``D`` passes per layer).
+    """
+
+    arg_constraints: dict = {}
+    support = constraints.real_vector
+    has_rsample = True
+
+    def __init__(self, posterior: FlowDistribution, flow: Flow):
+        self._posterior, self._flow = posterior, flow
+        super().__init__(posterior.batch_shape, posterior.event_shape, validate_args=False)
+
+    def expand(self, batch_shape, _instance=None) -> _PathDerivative:
+        return _PathDerivative(self._posterior.expand(batch_shape), self._flow)
+
+    def rsample(self, sample_shape: Sequence[int] = ()) -> Tensor:
+        return self._posterior.rsample(sample_shape)
+
+    def sample(self, sample_shape: Sequence[int] = ()) -> Tensor:
+        return self._posterior.sample(sample_shape)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        stopped = {name: p.detach() for name, p in self._flow.named_parameters()}
+        log_q = torch.func.functional_call(_Scorer(self._flow), _prefixed(stopped), (value,))
+        return log_q.expand(torch.broadcast_shapes(log_q.shape, self.batch_shape))
+
+
+class _Scorer(torch.nn.Module):
+    """``x -> flow().log_prob(x)`` as a module call, so `functional_call` can swap weights."""
+
+    def __init__(self, flow: Flow):
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, value: Tensor) -> Tensor:
+        return self.flow().log_prob(value)
+
+
+def _prefixed(params: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {f"flow.{name}": p for name, p in params.items()}
+
+
+def _constraint_tensors(constraint: Any) -> Iterator[Tensor]:
+    """Tensors inside a (possibly nested) constraint: its bounds."""
+    for value in vars(constraint).values():
+        if isinstance(value, Tensor):
+            yield value
+        elif isinstance(value, constraints.Constraint):
+            yield from _constraint_tensors(value)
+
+
+def _subsampled(trace) -> bool:
+    """Whether any site of ``trace`` lies in a subsampled plate or is rescaled."""
+    for site in trace.nodes.values():
+        if site["type"] != "sample":
+            continue
+        if site["scale"] != 1 or any(
+            f.full_size is not None and f.size != f.full_size for f in site["cond_indep_stack"]
+        ):
+            return True
+    return False

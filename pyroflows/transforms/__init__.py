@@ -3,7 +3,7 @@
 from .autoregressive import Autoregressive
 from .base import FlowModule, FlowTransform, Inverse
 from .coupling import Coupling
-from .mixing import ActNorm, LULinear, Permute, Reverse
+from .mixing import ActNorm, LULinear, Permute, Precondition, Reverse
 from .preprocessing import Standardize, SupportMap
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "Reverse",
     "LULinear",
     "ActNorm",
+    "Precondition",
     "Standardize",
     "SupportMap",
 ]

@@ -1,4 +1,4 @@
-"""Mixing layers: permutations, LU-decomposed linear maps and ActNorm.
+"""Mixing layers: permutations, LU-decomposed linear maps, ActNorm and `Precondition`.
 
 These layers take no context (given one, they ignore it, so they sit inside conditional
 flows). Both directions are cheap. Fixed indices are buffers, so ``.to(device)`` and
@@ -7,6 +7,7 @@ flows). Both directions are cheap. Fixed indices are buffers, so ``.to(device)``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -14,7 +15,7 @@ from torch import Tensor, nn
 
 from .base import FlowModule, FlowTransform, check_event
 
-__all__ = ["Permute", "Reverse", "LULinear", "ActNorm"]
+__all__ = ["Permute", "Reverse", "LULinear", "ActNorm", "Precondition"]
 
 
 class _ContextFree(FlowModule):
@@ -188,3 +189,78 @@ class ActNorm(_ContextFree):
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         return self.log_scale.sum().expand(x.shape[:-1])
+
+
+class Precondition(_ContextFree):
+    """Affine map through a fixed linear preconditioner: ``y = loc + L (shift + s * x)``.
+
+    ``loc`` and ``L`` are fixed buffers (e.g. the mode and a square root of the inverse
+    Hessian there, as `pyroflows.infer.AutoFlow` sets them); the learnable ``shift`` and
+    ``s = exp(log_scale)`` correct them. ``L`` is a lower-triangular matrix ``(D, D)`` or,
+    for large problems, a diagonal given as a vector ``(D,)``. The inverse is one triangular
+    solve; the log-det is ``sum(log_scale) + sum(log diag L)``.
+
+    Args:
+        loc: the fixed centre ``(D,)``.
+        scale: ``L``: a lower-triangular ``(D, D)`` matrix with a positive diagonal, or a
+            positive vector ``(D,)`` (a diagonal ``L``).
+        init_scale: the starting value of ``s`` (every coordinate).
+
+    Example:
+        >>> import torch
+        >>> from pyroflows import Precondition
+        >>> layer = Precondition(torch.zeros(2), torch.tensor([[2.0, 0.0], [1.0, 0.5]]))
+        >>> layer(torch.tensor([1.0, 1.0]))
+        tensor([2.0000, 1.5000], grad_fn=<AddBackward0>)
+    """
+
+    def __init__(self, loc: Tensor, scale: Tensor, init_scale: float = 1.0):
+        super().__init__()
+        loc, scale = torch.as_tensor(loc), torch.as_tensor(scale)
+        if loc.dim() != 1 or loc.numel() < 1:
+            raise ValueError(f"loc must be a vector (D,), got shape {tuple(loc.shape)}")
+        dim = loc.numel()
+        if scale.shape not in ((dim,), (dim, dim)):
+            raise ValueError(
+                f"scale must have shape ({dim},) or ({dim}, {dim}), got {tuple(scale.shape)}"
+            )
+        diagonal = scale if scale.dim() == 1 else scale.diagonal()
+        if not bool(torch.isfinite(scale).all() & (diagonal > 0).all()):
+            raise ValueError("scale must be finite with a positive diagonal")
+        if scale.dim() == 2 and bool((scale.triu(1) != 0).any()):
+            raise ValueError("a matrix scale must be lower triangular")
+        if not (init_scale > 0 and math.isfinite(init_scale)):
+            raise ValueError(f"init_scale must be positive, got {init_scale!r}")
+        self.input_dim = dim
+        self.register_buffer("loc", loc.detach().clone())
+        self.register_buffer("scale", scale.detach().clone())
+        self.shift = nn.Parameter(torch.zeros(dim, dtype=loc.dtype))
+        self.log_scale = nn.Parameter(torch.full((dim,), math.log(init_scale), dtype=loc.dtype))
+
+    def extra_repr(self) -> str:
+        form = "diagonal" if self.scale.dim() == 1 else "triangular"
+        return f"input_dim={self.input_dim}, scale={form}"
+
+    def _ladj(self, x: Tensor) -> Tensor:
+        diagonal = self.scale if self.scale.dim() == 1 else self.scale.diagonal()
+        return (self.log_scale.sum() + diagonal.log().sum()).expand(x.shape[:-1])
+
+    def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        check_event(x, self.input_dim)
+        w = self.shift + self.log_scale.exp() * x
+        y = self.loc + (w * self.scale if self.scale.dim() == 1 else w @ self.scale.T)
+        return y, self._ladj(x)
+
+    def inv_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        check_event(y, self.input_dim)
+        r = y - self.loc
+        if self.scale.dim() == 1:
+            w = r / self.scale
+        else:
+            rows = r.reshape(-1, self.input_dim)
+            w = torch.linalg.solve_triangular(self.scale.T, rows, upper=True, left=False)
+            w = w.reshape(y.shape)
+        return (w - self.shift) * torch.exp(-self.log_scale), -self._ladj(y)
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        return self._ladj(x)
