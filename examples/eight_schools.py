@@ -13,7 +13,8 @@ well. Written *non-centred*, ``theta_j = mu + tau * theta_trans_j`` with
 
 For each parameterisation the script
 
-1. fits `pyroflows.infer.AutoFlow` by SVI;
+1. fits `pyroflows.infer.AutoFlow` by SVI with `pyroflows.infer.train_guide` (which stops
+   once the ELBO no longer improves, or after ``--steps`` steps);
 2. runs `pyroflows.diagnose` (Pareto-smoothed importance sampling): k-hat, ESS and a verdict;
 3. exports the guide's draws with `pyroflows.to_inference_data` and uses ArviZ:
    ``az.summary``, ``az.loo``, and (with ``--out DIR``) ``plot_posterior``/``plot_pair`` figures;
@@ -27,8 +28,9 @@ Run from the repository root::
     python examples/eight_schools.py \\
         --reference ../shared/data/posteriordb/eight_schools-eight_schools_noncentered --out figs
 
-The defaults (3000 steps, 16 particles, both parameterisations) take about three minutes on
-one CPU thread; ``--steps 50`` is a smoke test.
+The defaults (`train_guide`'s recipe with at most ``--steps 10000``, 16 particles, both
+parameterisations) stop after 2000-3500 steps per fit and take several minutes on one CPU
+thread; ``--steps 50`` is a smoke test.
 """
 
 from __future__ import annotations
@@ -43,11 +45,9 @@ import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.infer import SVI, Trace_ELBO
-from pyro.optim import ClippedAdam
 
 from pyroflows import diagnose, to_inference_data
-from pyroflows.infer import AutoFlow
+from pyroflows.infer import AutoFlow, GuideTraining, train_guide
 from pyroflows.workflow import _import_arviz
 
 Y = torch.tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0], dtype=torch.float64)
@@ -76,17 +76,15 @@ def noncentered(y: torch.Tensor, sigma: torch.Tensor) -> None:
 MODELS = {"noncentered": noncentered, "centered": centered}
 
 
-def fit(model, steps: int, particles: int, lr: float, seed: int) -> AutoFlow:
-    """SVI with an AutoFlow guide: ClippedAdam, learning rate decaying 100-fold."""
+def fit(model, steps: int, particles: int, lr: float, seed: int) -> tuple[AutoFlow, GuideTraining]:
+    """SVI with an AutoFlow guide: `train_guide`'s recipe, at most ``steps`` steps."""
     pyro.set_rng_seed(seed)
     pyro.clear_param_store()  # a guide of an earlier fit must not lend its parameters by name
     guide = AutoFlow(model, model_args=(Y, SIGMA))
-    optim = ClippedAdam({"lr": lr, "lrd": 0.01 ** (1 / max(steps, 1)), "clip_norm": 10.0})
-    elbo = Trace_ELBO(num_particles=particles, vectorize_particles=True)
-    svi = SVI(model, guide, optim, elbo)
-    for _ in range(steps):
-        svi.step(Y, SIGMA)
-    return guide
+    history = train_guide(
+        model, guide, Y, SIGMA, num_particles=particles, lr=lr, max_steps=steps, progress=False
+    )
+    return guide, history
 
 
 def load_reference(folder: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -117,9 +115,12 @@ def compare(draws: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> d
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="noncentered,centered")
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--particles", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument(
+        "--steps", type=int, default=10_000,
+        help="most SVI steps (train_guide's max_steps; it stops earlier once converged)",
+    )
+    parser.add_argument("--particles", type=int, default=16, help="ELBO particles per step")
+    parser.add_argument("--lr", type=float, default=0.01, help="initial learning rate")
     parser.add_argument("--num-samples", type=int, default=8000, help="draws for diagnostics")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reference", default=None, help="posteriordb eight-schools folder")
@@ -134,11 +135,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         for name in args.models.split(","):
             model = MODELS[name]
             start = time.perf_counter()
-            guide = fit(model, args.steps, args.particles, args.lr, args.seed)
+            guide, history = fit(model, args.steps, args.particles, args.lr, args.seed)
             seconds = time.perf_counter() - start
             report = diagnose(model, guide, Y, SIGMA, num_samples=args.num_samples, seed=args.seed)
             idata = to_inference_data(model, guide, Y, SIGMA, num_samples=args.num_samples)
-            print(f"\n=== {name} model: AutoFlow, {args.steps} steps ({seconds:.0f} s)")
+            print(f"\n=== {name} model: AutoFlow, {history.summary()}")
             print(report)
             print(az.summary(idata, var_names=["mu", "tau", "theta"], kind="stats").round(2))
             loo = az.loo(idata)
@@ -146,7 +147,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
             result = {"khat": report.khat, "ess": report.ess, "trustworthy": report.trustworthy,
                       "elbo": report.elbo, "log_evidence": report.log_evidence,
                       "missing_mass": report.mass_check.missing_mass,
-                      "elpd_loo": float(loo.elpd_loo), "seconds": seconds}
+                      "elpd_loo": float(loo.elpd_loo), "seconds": seconds,
+                      "steps": history.num_steps, "stopped": history.stopped}
             if reference is not None:
                 result["guide_vs_reference"] = compare(_columns(report.samples), reference)
                 result["psis_vs_reference"] = compare(_columns(report.posterior), reference)

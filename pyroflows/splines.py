@@ -123,10 +123,10 @@ def _out(buffer: Tensor) -> Tensor | None:
 
     The tracer records a custom Function's forward both as one opaque node and op by op
     into the enclosing graph. Dead-code elimination drops the op-by-op copy, except writes
-    into tensors it cannot prove private (views from ``unbind``, ``out=`` targets), and those
-    would then run on every call of the traced graph, with gradients on, where ``out=`` with
-    inputs that require grad is an error (Pyro's ``JitTrace_ELBO``). Traced, the operation
-    allocates its result instead: nothing leaks, and eager code keeps writing in place.
+    into tensors it cannot prove private (such as the views ``unbind`` returns): those would
+    run again on every call of the traced graph, with gradients on, where ``out=`` with inputs
+    that require grad is an error (Pyro's ``JitTrace_ELBO``). Traced, the operation allocates
+    its result instead, so nothing leaks; eager code keeps writing into its buffers.
     """
     return None if torch.jit.is_tracing() else buffer
 
@@ -283,7 +283,7 @@ class _RationalQuadratic(torch.autograd.Function):
         # Eager, the rows are written straight into c; traced (no buffer), stacked at the end.
         bins, c = e.unbind(1), _out(e.new_empty((k + 1, 2) + shape))
         rows = [None] * (k + 1) if c is None else list(c.unbind(0))
-        rows[0] = torch.zeros(bins[0].shape, dtype=e.dtype, device=e.device, out=rows[0])
+        rows[0] = torch.zeros_like(bins[0]) if c is None else rows[0].zero_()
         for j in range(k):
             rows[j + 1] = torch.add(rows[j], bins[j], out=rows[j + 1])
         c = torch.stack(rows) if c is None else c

@@ -13,7 +13,7 @@ from pyro.distributions.util import is_validation_enabled
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 
 from pyroflows.infer import GuideTraining, train_guide
-from pyroflows.infer.train import _Temper
+from pyroflows.infer.train import _plate_nesting, _Temper
 
 SIGMA, PRIOR_SD = 2.0, 10.0
 
@@ -303,3 +303,17 @@ def test_guide_training_is_frozen():
     assert history.final_loss == 1.5
     with pytest.raises(AttributeError):
         history.stopped = "converged"
+
+
+def test_plate_nesting_is_inferred_for_vectorised_particles():
+    y = torch.randn(3, 4, dtype=torch.float64)
+
+    def model(y):
+        with pyro.plate("rows", 3, dim=-2), pyro.plate("cols", 4, dim=-1):
+            z = pyro.sample("z", dist.Normal(y.new_zeros(()), 1.0))
+            pyro.sample("y", dist.Normal(z, 1.0), obs=y)
+
+    guide = AutoNormal(model)
+    assert _plate_nesting(model, guide, y) == 2
+    history = train_guide(model, guide, y, num_particles=8, max_steps=20, progress=False)
+    assert history.nonfinite_steps == 0 and guide.locs.z.shape == (3, 4)
