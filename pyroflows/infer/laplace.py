@@ -13,10 +13,13 @@ Two forms, by dimension (`FULL_MAX_DIM`):
 * ``"diagonal"`` (larger ``D``): L-BFGS to the mode, then ``L = diag(H_ii^-1/2)`` with the
   Hessian diagonal estimated from Hessian-vector products with random sign vectors.
 
-Only a mode's curvature is trusted: where no finite mode is found (a funnel, whose density
-grows without bound towards its neck) the start point is kept with a unit scale, and the
-record says so. With the search off, the curvature at the start point is used, and its
-directions of non-positive curvature get a unit scale.
+The search runs from several start points. Where it finds several distinct modes of
+comparable mass (a ring, two lobes, a band of modes), one Laplace approximation would put
+the guide on one of them, so the result is the Gaussian with the moments of the mixture of
+their Laplace approximations instead. Only a mode's curvature is trusted: where no finite
+mode is found (a funnel, whose density grows without bound towards its neck) the start point
+is kept with a unit scale, and the record says so. With the search off, the curvature at
+the start point is used, and its directions of non-positive curvature get a unit scale.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -47,8 +50,10 @@ class Preconditioning:
 
     Attributes:
         form: ``"full"`` (triangular ``L``), ``"diagonal"`` or ``"off"`` (``L = I``).
-        centre: ``"mode"`` (the search converged), ``"start"`` (it did not: the start point
-            was kept) or ``"start, mode search off"``.
+        centre: ``"mode"`` (the search converged to one mode), ``"modes"`` (to several of
+            comparable mass: the Gaussian of their mixture), ``"start"`` (it did not
+            converge: the start point was kept, with unit scale) or
+            ``"start, mode search off"``.
         iterations: mode-search iterations run.
         seconds: wall time of the search and the curvature.
         message: one sentence for the user (why a fallback happened, for instance).
@@ -188,34 +193,71 @@ def _diagonal_scale(fn: Callable[[Tensor], Tensor], u: Tensor) -> tuple[Tensor, 
     return torch.where(flat, torch.ones_like(u), diagonal.rsqrt()), int(flat.sum())
 
 
-def _best_mode(
+def _modes(
     search: Callable, fn: Callable[[Tensor], Tensor], start: Tensor, max_iter: int, starts: int
-) -> _Search:
-    """The highest mode found from ``start`` and ``starts - 1`` points scattered around it.
+) -> tuple[list[_Search], _Search]:
+    """Modes found from ``start`` and ``starts - 1`` points scattered around it (the
+    converged searches), and the search from ``start`` itself.
 
-    A multimodal posterior (an HMM, a mixture) has local modes; starting the search from a
-    few points and keeping the highest finds the main one more often. The scatter is
-    ``START_SPREAD`` unconstrained units, drawn from a private generator (reproducible; the
-    global random state is not touched).
+    The scatter is ``START_SPREAD`` unconstrained units, drawn from a private generator
+    (reproducible; the global random state is not touched).
     """
     generator = torch.Generator(device="cpu").manual_seed(0)
-    best, first, converged = None, None, 0
+    found = []
     for k in range(starts):
         noise = torch.randn(start.shape, generator=generator, dtype=start.dtype)
         point = start if k == 0 else start + START_SPREAD * noise.to(start.device)
-        found = search(fn, point, max_iter)
-        first = first or found
-        if found.converged:
-            converged += 1
-            found = replace(found, message=f"{found.message} (start {k + 1})")
-            if best is None or _safe_value(fn, found.point) < _safe_value(fn, best.point):
-                best = found
-    if best is None:
-        return first
-    if starts == 1:
-        return best
-    note = f"; the highest of {converged} modes found from {starts} starts"
-    return replace(best, message=best.message + note)
+        found.append(search(fn, point, max_iter))
+    return [f for f in found if f.converged], found[0]
+
+
+@dataclass(frozen=True)
+class _Laplace:
+    mode: Tensor
+    scale: Tensor  # lower-triangular (D, D) or diagonal (D,)
+    log_mass: float  # log p(mode) + log|det scale| (+ a constant): the Laplace evidence
+
+    def covariance(self) -> Tensor:
+        s = self.scale.to(torch.float64)
+        return s * s if s.dim() == 1 else s @ s.T
+
+    def distance(self, point: Tensor) -> float:
+        """Mahalanobis distance of ``point`` from the mode."""
+        r = (point - self.mode).to(torch.float64)
+        s = self.scale.to(torch.float64)
+        w = r / s if s.dim() == 1 else torch.linalg.solve_triangular(
+            s, r[:, None], upper=False)[:, 0]
+        return float(w.norm())
+
+
+def _mixture(laplaces: list[_Laplace]) -> tuple[Tensor, Tensor, str]:
+    """The Gaussian with the moments of the Laplace approximations' mixture, each mode
+    weighted by its Laplace evidence; modes within one standard deviation of a higher one
+    are the same mode, and modes with under 0.1% of the mass are left out."""
+    kept: list[_Laplace] = []
+    for lap in sorted(laplaces, key=lambda lap: -lap.log_mass):
+        if all(k.distance(lap.mode) > 1 for k in kept):
+            kept.append(lap)
+    log_mass = torch.tensor([k.log_mass for k in kept], dtype=torch.float64)
+    weights = torch.softmax(log_mass, 0)
+    kept = [k for k, w in zip(kept, weights, strict=True) if w >= 1e-3]
+    weights = torch.softmax(torch.tensor([k.log_mass for k in kept], dtype=torch.float64), 0)
+    if len(kept) == 1:
+        return kept[0].mode, kept[0].scale, "one mode"
+    modes = torch.stack([k.mode.to(torch.float64) for k in kept])
+    mean = weights @ modes
+    spread = modes - mean
+    if kept[0].scale.dim() == 1:
+        var = sum(w * k.covariance() for w, k in zip(weights, kept, strict=True))
+        var = var + weights @ spread**2
+        scale = var.sqrt()
+    else:
+        cov = sum(w * k.covariance() for w, k in zip(weights, kept, strict=True))
+        cov = cov + (weights[:, None] * spread).T @ spread
+        scale = torch.linalg.cholesky(0.5 * (cov + cov.T))
+    shares = ", ".join(f"{float(w):.2f}" for w in weights)
+    note = f"{len(kept)} distinct modes (Laplace mass {shares}): the Gaussian of their mixture"
+    return mean.to(kept[0].mode), scale.to(kept[0].mode), note
 
 
 def laplace_preconditioner(
@@ -235,8 +277,10 @@ def laplace_preconditioner(
         form: ``"full"``, ``"diagonal"`` or ``"auto"`` (full up to `FULL_MAX_DIM`).
         max_iter: bound on the search's iterations.
         search: look for the mode (``False``: take the curvature at ``start``).
-        starts: search from ``start`` and ``starts - 1`` points scattered around it, and
-            keep the highest mode (see `_best_mode`).
+        starts: search from ``start`` and ``starts - 1`` points scattered around it. Where
+            they find several distinct modes, the result is the Gaussian with the moments of
+            the mixture of their Laplace approximations, each weighted by its Laplace mass
+            (the record's ``centre`` is then ``"modes"``).
 
     Returns:
         ``(centre, scale, record)``: ``scale`` is a lower-triangular ``(D, D)`` matrix or a
@@ -261,30 +305,34 @@ def laplace_preconditioner(
         if not (isinstance(value, int) and value >= 1):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     began = time.perf_counter()
-    if search:
-        method = _newton if form == "full" else _lbfgs
-        found = _best_mode(method, neg_log_density, start, max_iter, starts)
-    else:
-        found = _Search(start, False, 0, "the mode search is off")
-    centre = found.point if found.converged else start.detach()
-    message = found.message
-    if not found.converged and search:  # no curvature to trust: the unpreconditioned guide
-        message += "; kept the start point and unit scale (a funnel? a flat direction?)"
-        record = Preconditioning(form, "start", found.iterations,
-                                 time.perf_counter() - began, message)
-        identity = torch.ones_like(centre) if form == "diagonal" else torch.eye(dim).to(centre)
-        return centre, identity, record
-    try:
-        scale, flat = (_full_scale if form == "full" else _diagonal_scale)(
-            neg_log_density, centre
-        )
-        if not bool(torch.isfinite(scale).all()):
-            raise RuntimeError("non-finite curvature")
-    except RuntimeError as error:  # the curvature itself failed: keep the identity
-        scale = torch.ones_like(centre) if form == "diagonal" else torch.eye(dim).to(centre)
-        flat, message = dim, f"{message}; curvature failed ({error}), unit scale"
-    if flat:
-        message += f"; {flat} of {dim} directions without positive curvature get unit scale"
-    where = "mode" if found.converged else "start" if search else "start, mode search off"
-    record = Preconditioning(form, where, found.iterations, time.perf_counter() - began, message)
-    return centre.detach(), scale.detach(), record
+    curvature = _full_scale if form == "full" else _diagonal_scale
+
+    def record(where: str, iterations: int, message: str) -> Preconditioning:
+        return Preconditioning(form, where, iterations, time.perf_counter() - began, message)
+
+    if not search:
+        scale, flat = curvature(neg_log_density, start)
+        message = "the mode search is off: the curvature at the start point"
+        if flat:
+            message += f"; {flat} of {dim} directions without positive curvature get unit scale"
+        return start.detach(), scale, record("start, mode search off", 0, message)
+    modes, first = _modes(
+        _newton if form == "full" else _lbfgs, neg_log_density, start, max_iter, starts
+    )
+    iterations = sum(m.iterations for m in modes) if modes else first.iterations
+    laplaces = []
+    for m in modes:
+        scale, flat = curvature(neg_log_density, m.point)
+        if not flat and bool(torch.isfinite(scale).all()):
+            log_det = scale.log().sum() if scale.dim() == 1 else scale.diagonal().log().sum()
+            value = -_safe_value(neg_log_density, m.point)
+            laplaces.append(_Laplace(m.point, scale, value + float(log_det)))
+    if not laplaces:  # no curvature to trust: the unpreconditioned guide
+        message = (f"{first.message}; kept the start point and unit scale (a funnel? a flat "
+                   "direction?)")
+        identity = torch.ones_like(start) if form == "diagonal" else torch.eye(dim).to(start)
+        return start.detach(), identity, record("start", iterations, message)
+    centre, scale, note = _mixture(laplaces)
+    found = f"{len(modes)} of {starts} searches converged" if starts > 1 else modes[0].message
+    where = "mode" if note == "one mode" else "modes"
+    return centre.detach(), scale.detach(), record(where, iterations, f"{found}; {note}")
