@@ -165,6 +165,7 @@ def make_guide(name: str, model: Callable, args: argparse.Namespace):
             "bound": args.bound,
             "init_scale": args.init_scale,
             "hidden_dims": args.hidden_dims,
+            "precondition": args.precondition,
         }
         # Only options given on the command line: otherwise AutoFlow's own defaults.
         return AutoFlow(model, model_args=(), **{k: v for k, v in options.items() if v is not None})
@@ -269,6 +270,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     flow.add_argument("--bound", type=float, default=None)
     flow.add_argument("--init-scale", type=float, default=None)
     flow.add_argument("--hidden-dims", type=int, nargs="+", default=None)
+    flow.add_argument("--precondition", choices=("auto", "full", "diagonal", "off"), default=None)
     return parser.parse_args(argv)
 
 

@@ -218,7 +218,8 @@ def psis_khat(model: Callable, guide: Callable, data: dict, n: int, seed: int) -
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # ArviZ overflow on huge k
                 result = diagnose(model, guide, data, num_samples=n, seed=seed)
-            return {"khat": float(result.khat), "ess": float(result.ess), "source": "diagnose"}
+            return {"khat": float(result.khat), "ess": float(result.ess), "source": "diagnose",
+                    "trustworthy": bool(result.trustworthy), "verdict": result.verdict}
         except (ValueError, RuntimeError, NotImplementedError) as error:
             note = f"arviz.psislw (pyroflows.diagnose failed: {error})"
     import arviz as az
@@ -314,15 +315,18 @@ def targets(results: dict, guides: Sequence[str]) -> list[str]:
                 beats.append(name)
             if w2 <= 2 * row["noise_floor"]["sliced_w2"]:
                 near.append(name)
-            elif _stat(row["guides"][flow], "khat")[0] > 0.7:
+            elif _stat(row["guides"][flow], "khat")[0] > 0.7 or not all(
+                c.get("trustworthy", True) for c in row["guides"][flow]
+            ):
                 flagged.append(name)
             else:
                 missed.append(name)
         n = len(results)
         out.append(
             f"{flow}: best sliced-W2 vs {', '.join(rivals) or 'no Pyro guide'} on "
-            f"{len(beats)}/{n}; within 2x noise floor on {len(near)}/{n}; others flagged by "
-            f"k-hat > 0.7: {flagged or 'none'}; others not flagged: {missed or 'none'}"
+            f"{len(beats)}/{n}; within 2x noise floor on {len(near)}/{n}; others judged not "
+            f"trustworthy by diagnose (mean k-hat > 0.7, or its verdict on a seed): "
+            f"{flagged or 'none'}; others not flagged: {missed or 'none'}"
         )
     return out
 

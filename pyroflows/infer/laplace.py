@@ -100,11 +100,17 @@ def _hessian(fn: Callable[[Tensor], Tensor], u: Tensor) -> Tensor:
     return 0.5 * (h + h.T)
 
 
+def _rounding(evals: Tensor) -> float:
+    """The smallest eigenvalue magnitude that is not rounding error, relative to the largest
+    (in the dtype the model computes in)."""
+    largest = float(evals.abs().max().clamp(min=torch.finfo(evals.dtype).tiny))
+    return 10 * evals.numel() * torch.finfo(evals.dtype).eps * largest
+
+
 def _positive(evals: Tensor) -> Tensor:
-    """Eigenvalues that are positive beyond rounding (relative to the largest, in the dtype
-    the model computes in): a numerically flat direction is not curvature."""
-    tol = 10 * evals.numel() * torch.finfo(evals.dtype).eps
-    return evals > tol * evals.abs().max().clamp(min=torch.finfo(evals.dtype).tiny)
+    """Eigenvalues that are positive beyond rounding: a numerically flat direction is not
+    curvature."""
+    return evals > _rounding(evals)
 
 
 def _newton(fn: Callable[[Tensor], Tensor], start: Tensor, max_iter: int) -> _Search:
@@ -124,7 +130,7 @@ def _newton(fn: Callable[[Tensor], Tensor], start: Tensor, max_iter: int) -> _Se
             return _Search(u, False, it, "non-finite gradient or Hessian during the search")
         evals, evecs = torch.linalg.eigh(hess)
         convex = bool(_positive(evals).all())
-        magnitude = evals.abs().clamp(min=1e-10 * float(evals.abs().max().clamp(min=1e-30)))
+        magnitude = evals.abs().clamp(min=_rounding(evals))
         step = -(evecs / magnitude) @ (evecs.T @ grad)
         decrement = float(-(grad @ step)) / 2
         if convex and decrement < DECREMENT_TOL:
