@@ -78,6 +78,32 @@ def test_no_finite_mode_keeps_the_start_and_gives_flat_directions_unit_scale():
     torch.testing.assert_close(scale @ scale.T, torch.diag(torch.tensor([0.5, 1.0], dtype=F64)))
 
 
+def _two_lobes(gap: float):
+    """Two Gaussian lobes of sd 0.4 at (+-2, 0); the left one ``gap`` nats lower."""
+    centres = torch.tensor([[2.0, 0.0], [-2.0, 0.0]], dtype=F64)
+    offsets = torch.tensor([0.0, -gap], dtype=F64)
+
+    def f(u):
+        return -torch.logsumexp(offsets - 0.5 * ((u - centres) / 0.4).pow(2).sum(-1), 0)
+
+    return f
+
+
+def test_several_modes_give_the_gaussian_of_their_mixture():
+    start = torch.zeros(2, dtype=F64)  # a saddle between the lobes: its own search fails
+    centre, scale, record = laplace_preconditioner(_two_lobes(0.0), start, starts=4)
+    assert record.centre == "modes" and "2 distinct modes" in record.message
+    torch.testing.assert_close(centre, start, atol=1e-6, rtol=0)
+    # the mixture's moments: lobe variance plus the spread of the lobes
+    expected = torch.diag(torch.tensor([0.16 + 4.0, 0.16], dtype=F64))
+    torch.testing.assert_close(scale @ scale.T, expected, atol=1e-5, rtol=0)
+    # a lobe 8 nats lower carries under 0.1% of the mass: the higher mode alone
+    centre, scale, record = laplace_preconditioner(_two_lobes(8.0), start, starts=4)
+    assert record.centre == "mode"
+    torch.testing.assert_close(centre, torch.tensor([2.0, 0.0], dtype=F64))
+    torch.testing.assert_close(scale @ scale.T, 0.16 * torch.eye(2, dtype=F64))
+
+
 def test_bad_preconditioner_options():
     f = _gaussian(torch.zeros(2), torch.eye(2))
     with pytest.raises(ValueError, match="form"):

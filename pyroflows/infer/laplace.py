@@ -297,8 +297,10 @@ def laplace_preconditioner(
         >>> cov = torch.tensor([[4.0, 1.9], [1.9, 1.0]], dtype=torch.float64)
         >>> f = lambda u: 0.5 * (u - 3) @ torch.linalg.solve(cov, u - 3)
         >>> centre, scale, record = laplace_preconditioner(f, torch.zeros(2, dtype=torch.float64))
-        >>> centre.tolist(), torch.allclose(scale @ scale.T, cov), record.centre
-        ([3.0, 3.0], True, 'mode')
+        >>> centre.round(decimals=6).tolist(), torch.allclose(scale @ scale.T, cov)
+        ([3.0, 3.0], True)
+        >>> record.centre
+        'mode'
     """
     dim = start.numel()
     if start.dim() != 1:
