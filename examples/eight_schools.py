@@ -29,8 +29,8 @@ Run from the repository root::
         --reference ../shared/data/posteriordb/eight_schools-eight_schools_noncentered --out figs
 
 The defaults (`train_guide`'s recipe with at most ``--steps 10000``, 16 particles, both
-parameterisations) stop after 2000-3500 steps per fit and take several minutes on one CPU
-thread; ``--steps 50`` is a smoke test.
+parameterisations) stopped after 1700 (non-centred) and 2300 (centred) steps and took 76 s
+in all on one CPU thread (seed 0); ``--steps 50`` is a smoke test.
 """
 
 from __future__ import annotations

@@ -49,7 +49,9 @@ class Preconditioning:
     """What preconditioning did, recorded on the guide (``guide.preconditioning``).
 
     Attributes:
-        form: ``"full"`` (triangular ``L``), ``"diagonal"`` or ``"off"`` (``L = I``).
+        form: the form used, ``"full"`` (triangular ``L``) or ``"diagonal"``; ``"off"`` when
+            preconditioning was switched off or skipped. With ``centre == "start"`` after a
+            search that found no mode, ``L`` is the identity whatever the form.
         centre: ``"mode"`` (the search converged to one mode), ``"modes"`` (to several of
             comparable mass: the Gaussian of their mixture), ``"start"`` (it did not
             converge: the start point was kept, with unit scale) or
@@ -336,8 +338,7 @@ def laplace_preconditioner(
             value = -_safe_value(neg_log_density, m.point)
             laplaces.append(_Laplace(m.point, scale, value + float(log_det)))
     if not laplaces:  # no curvature to trust: the unpreconditioned guide
-        message = (f"{first.message}; kept the start point and unit scale (a funnel? a flat "
-                   "direction?)")
+        message = f"{first.message}; kept the start point and L = I (a funnel? a flat direction?)"
         identity = torch.ones_like(start) if form == "diagonal" else torch.eye(dim).to(start)
         return start.detach(), identity, record("start", iterations, message)
     centre, scale, note = _mixture(laplaces)
