@@ -89,15 +89,14 @@ def _two_lobes(gap: float):
     return f
 
 
-def test_several_modes_give_the_gaussian_of_their_mixture():
+def test_several_modes_of_comparable_mass_keep_the_start():
+    """Two lobes: one Laplace approximation would pin the guide to one of them, so the start
+    point is kept with L = I; a lobe 8 nats lower is negligible and the higher mode is used."""
     start = torch.zeros(2, dtype=F64)  # a saddle between the lobes: its own search fails
     centre, scale, record = laplace_preconditioner(_two_lobes(0.0), start, starts=4)
-    assert record.centre == "modes" and "2 distinct modes" in record.message
-    torch.testing.assert_close(centre, start, atol=1e-6, rtol=0)
-    # the mixture's moments: lobe variance plus the spread of the lobes
-    expected = torch.diag(torch.tensor([0.16 + 4.0, 0.16], dtype=F64))
-    torch.testing.assert_close(scale @ scale.T, expected, atol=1e-5, rtol=0)
-    # a lobe 8 nats lower carries under 0.1% of the mass: the higher mode alone
+    assert record.centre == "start" and "2 distinct modes" in record.message
+    torch.testing.assert_close(centre, start)
+    torch.testing.assert_close(scale, torch.eye(2, dtype=F64))
     centre, scale, record = laplace_preconditioner(_two_lobes(8.0), start, starts=4)
     assert record.centre == "mode"
     torch.testing.assert_close(centre, torch.tensor([2.0, 0.0], dtype=F64))

@@ -204,8 +204,8 @@ class AutoFlow(AutoContinuous):
         self._refuse_dependent_supports(start, args, kwargs)
         centre, scale, self.preconditioning = self._preconditioner(start, args, kwargs)
         init_scale = self._init_scale
-        if init_scale is None:  # trust the curvature's scale only at modes
-            init_scale = 1.0 if self.preconditioning.centre in ("mode", "modes") else 0.1
+        if init_scale is None:  # trust the curvature's scale only at a mode
+            init_scale = 1.0 if self.preconditioning.centre == "mode" else 0.1
         self.flow = self._build_flow(centre, scale, init_scale)
 
     def _explain_setup_error(self, error: Exception) -> None:

@@ -13,12 +13,12 @@ Two forms, by dimension (`FULL_MAX_DIM`):
 * ``"diagonal"`` (larger ``D``): L-BFGS to the mode, then ``L = diag(H_ii^-1/2)`` with the
   Hessian diagonal estimated from Hessian-vector products with random sign vectors.
 
-The search runs from several start points. Where it finds several distinct modes of
-comparable mass (a ring, two lobes, a band of modes), one Laplace approximation would put
-the guide on one of them, so the result is the Gaussian with the moments of the mixture of
-their Laplace approximations instead. Only a mode's curvature is trusted: where no finite
-mode is found (a funnel, whose density grows without bound towards its neck) the start point
-is kept with a unit scale, and the record says so. With the search off, the curvature at
+The search runs from several start points. Only the curvature of a single dominant mode is
+trusted: where it finds several distinct modes of comparable mass (two lobes, a band of
+modes), one Laplace approximation would pin the guide to one of them, and where it finds no
+finite mode (a funnel, whose density grows without bound towards its neck), there is no
+curvature to use; in both cases the start point is kept with ``L = I``, and the record says
+so. With the search off, the curvature at
 the start point is used, and its directions of non-positive curvature get a unit scale.
 """
 
@@ -52,10 +52,9 @@ class Preconditioning:
         form: the form used, ``"full"`` (triangular ``L``) or ``"diagonal"``; ``"off"`` when
             preconditioning was switched off or skipped. With ``centre == "start"`` after a
             search that found no mode, ``L`` is the identity whatever the form.
-        centre: ``"mode"`` (the search converged to one mode), ``"modes"`` (to several of
-            comparable mass: the Gaussian of their mixture), ``"start"`` (it did not
-            converge: the start point was kept, with unit scale) or
-            ``"start, mode search off"``.
+        centre: ``"mode"`` (the search converged to one dominant mode), ``"start"`` (no
+            mode, or several of comparable mass: the start point was kept, with ``L = I``)
+            or ``"start, mode search off"``.
         iterations: mode-search iterations run.
         seconds: wall time of the search and the curvature.
         message: one sentence for the user (why a fallback happened, for instance).
@@ -225,10 +224,6 @@ class _Laplace:
     scale: Tensor  # lower-triangular (D, D) or diagonal (D,)
     log_mass: float  # log p(mode) + log|det scale| (+ a constant): the Laplace evidence
 
-    def covariance(self) -> Tensor:
-        s = self.scale.to(torch.float64)
-        return s * s if s.dim() == 1 else s @ s.T
-
     def distance(self, point: Tensor) -> float:
         """Mahalanobis distance of ``point`` from the mode."""
         r = (point - self.mode).to(torch.float64)
@@ -238,34 +233,21 @@ class _Laplace:
         return float(w.norm())
 
 
-def _mixture(laplaces: list[_Laplace]) -> tuple[Tensor, Tensor, str]:
-    """The Gaussian with the moments of the Laplace approximations' mixture, each mode
-    weighted by its Laplace evidence; modes within one standard deviation of a higher one
-    are the same mode, and modes with under 0.1% of the mass are left out."""
+def _dominant(laplaces: list[_Laplace]) -> tuple[_Laplace | None, str]:
+    """The mode holding all but 0.1% of the Laplace mass, or ``None`` and why not.
+
+    Modes within one standard deviation of a higher one are the same mode; each distinct
+    mode is weighted by its Laplace evidence ``p(mode) |L|``.
+    """
     kept: list[_Laplace] = []
     for lap in sorted(laplaces, key=lambda lap: -lap.log_mass):
         if all(k.distance(lap.mode) > 1 for k in kept):
             kept.append(lap)
-    log_mass = torch.tensor([k.log_mass for k in kept], dtype=torch.float64)
-    weights = torch.softmax(log_mass, 0)
-    kept = [k for k, w in zip(kept, weights, strict=True) if w >= 1e-3]
     weights = torch.softmax(torch.tensor([k.log_mass for k in kept], dtype=torch.float64), 0)
-    if len(kept) == 1:
-        return kept[0].mode, kept[0].scale, "one mode"
-    modes = torch.stack([k.mode.to(torch.float64) for k in kept])
-    mean = weights @ modes
-    spread = modes - mean
-    if kept[0].scale.dim() == 1:
-        var = sum(w * k.covariance() for w, k in zip(weights, kept, strict=True))
-        var = var + weights @ spread**2
-        scale = var.sqrt()
-    else:
-        cov = sum(w * k.covariance() for w, k in zip(weights, kept, strict=True))
-        cov = cov + (weights[:, None] * spread).T @ spread
-        scale = torch.linalg.cholesky(0.5 * (cov + cov.T))
-    shares = ", ".join(f"{float(w):.2f}" for w in weights)
-    note = f"{len(kept)} distinct modes (Laplace mass {shares}): the Gaussian of their mixture"
-    return mean.to(kept[0].mode), scale.to(kept[0].mode), note
+    if len(kept) == 1 or float(weights[0]) >= 1 - 1e-3:
+        return kept[0], "one mode"
+    shares = ", ".join(f"{float(w):.2f}" for w in weights if w >= 1e-3)
+    return None, f"{len(kept)} distinct modes (Laplace mass {shares}): no single Gaussian fits"
 
 
 def laplace_preconditioner(
@@ -285,10 +267,8 @@ def laplace_preconditioner(
         form: ``"full"``, ``"diagonal"`` or ``"auto"`` (full up to `FULL_MAX_DIM`).
         max_iter: bound on the search's iterations.
         search: look for the mode (``False``: take the curvature at ``start``).
-        starts: search from ``start`` and ``starts - 1`` points scattered around it. Where
-            they find several distinct modes, the result is the Gaussian with the moments of
-            the mixture of their Laplace approximations, each weighted by its Laplace mass
-            (the record's ``centre`` is then ``"modes"``).
+        starts: search from ``start`` and ``starts - 1`` points scattered around it; the
+            result needs one mode with all but 0.1% of the Laplace mass (see `_dominant`).
 
     Returns:
         ``(centre, scale, record)``: ``scale`` is a lower-triangular ``(D, D)`` matrix or a
@@ -337,11 +317,13 @@ def laplace_preconditioner(
             log_det = scale.log().sum() if scale.dim() == 1 else scale.diagonal().log().sum()
             value = -_safe_value(neg_log_density, m.point)
             laplaces.append(_Laplace(m.point, scale, value + float(log_det)))
-    if not laplaces:  # no curvature to trust: the unpreconditioned guide
-        message = f"{first.message}; kept the start point and L = I (a funnel? a flat direction?)"
+    dominant, note = _dominant(laplaces) if laplaces else (None, first.message)
+    found = f"{len(modes)} of {starts} searches converged" if starts > 1 else first.message
+    if starts > 1 and not modes:
+        found += f" (from the start point: {first.message})"
+    if dominant is None:  # no curvature to trust: the unpreconditioned guide
+        why = note if laplaces else "a funnel? a flat direction?"
+        message = f"{found}; kept the start point and L = I ({why})"
         identity = torch.ones_like(start) if form == "diagonal" else torch.eye(dim).to(start)
         return start.detach(), identity, record("start", iterations, message)
-    centre, scale, note = _mixture(laplaces)
-    found = f"{len(modes)} of {starts} searches converged" if starts > 1 else modes[0].message
-    where = "mode" if note == "one mode" else "modes"
-    return centre.detach(), scale.detach(), record(where, iterations, f"{found}; {note}")
+    return dominant.mode, dominant.scale.detach(), record("mode", iterations, f"{found}; {note}")
