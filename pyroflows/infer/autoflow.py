@@ -90,8 +90,9 @@ class AutoFlow(AutoContinuous):
             subsamples a plate has a noisy log density: it is not preconditioned.
         mode_iterations: bound on each mode search (``0``: curvature at the start point).
         mode_starts: the search runs from the start point and ``mode_starts - 1`` points
-            scattered around it (2 unconstrained units) and keeps the highest mode, so a
-            multimodal posterior (an HMM, a mixture) is centred on its main mode.
+            scattered around it (2 unconstrained units); a mode holding all but 0.1% of the
+            modes' Laplace mass is used (an HMM's local modes are passed over), several modes
+            of comparable mass leave the guide unpreconditioned.
         stick_the_landing: score the guide's own draws with its parameters stopped (the
             path-derivative gradient of Roeder et al., 2017, whose noise vanishes as the guide
             reaches the posterior). Costs an inverse pass (``D`` network passes per layer);
