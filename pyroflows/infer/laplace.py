@@ -78,6 +78,7 @@ class _Search:
     converged: bool
     iterations: int
     message: str
+    eig: tuple[Tensor, Tensor] | None = None  # the Hessian's eigenpairs at ``point``, if known
 
 
 def _safe_value(fn: Callable[[Tensor], Tensor], u: Tensor) -> float:
@@ -135,7 +136,7 @@ def _newton(fn: Callable[[Tensor], Tensor], start: Tensor, max_iter: int) -> _Se
         step = -(evecs / magnitude) @ (evecs.T @ grad)
         decrement = float(-(grad @ step)) / 2
         if convex and decrement < DECREMENT_TOL:
-            return _Search(u, True, it, f"Newton converged in {it} iterations")
+            return _Search(u, True, it, f"Newton converged in {it} iterations", (evals, evecs))
         for _ in range(40):
             f_new = _safe_value(fn, u + step)
             if f_new < f:
@@ -143,7 +144,8 @@ def _newton(fn: Callable[[Tensor], Tensor], start: Tensor, max_iter: int) -> _Se
             step = step / 2
         else:
             if convex and decrement < 1e-2:
-                return _Search(u, True, it, f"Newton converged in {it} iterations (rounding)")
+                message = f"Newton converged in {it} iterations (rounding)"
+                return _Search(u, True, it, message, (evals, evecs))
             return _Search(u, False, it, "the line search found no decrease")
         u, f = u + step, f_new
     return _Search(u, False, max_iter, f"no mode within {max_iter} Newton iterations")
@@ -175,9 +177,14 @@ def _lbfgs(fn: Callable[[Tensor], Tensor], start: Tensor, max_iter: int) -> _Sea
     return _Search(point, False, iterations, f"no mode within {max_iter} L-BFGS iterations")
 
 
-def _full_scale(fn: Callable[[Tensor], Tensor], u: Tensor) -> tuple[Tensor, int]:
-    """``chol(H^-1)`` at ``u`` (unit scale along non-positive curvature) and that count."""
-    evals, evecs = torch.linalg.eigh(_hessian(fn, u))
+def _full_scale(
+    fn: Callable[[Tensor], Tensor], u: Tensor, eig: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, int]:
+    """``chol(H^-1)`` at ``u`` (unit scale along non-positive curvature) and that count.
+
+    ``eig``: the Hessian's eigenpairs at ``u`` when the search already has them.
+    """
+    evals, evecs = eig if eig is not None else torch.linalg.eigh(_hessian(fn, u))
     flat = ~_positive(evals)
     evals, evecs = evals.to(torch.float64), evecs.to(torch.float64)
     evals = torch.where(flat, torch.ones_like(evals), evals)
@@ -186,8 +193,11 @@ def _full_scale(fn: Callable[[Tensor], Tensor], u: Tensor) -> tuple[Tensor, int]
     return scale.to(u.dtype), int(flat.sum())
 
 
-def _diagonal_scale(fn: Callable[[Tensor], Tensor], u: Tensor) -> tuple[Tensor, int]:
-    """``H_ii^-1/2`` from Hessian-vector products with random signs (Bekas et al., 2007)."""
+def _diagonal_scale(
+    fn: Callable[[Tensor], Tensor], u: Tensor, eig: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, int]:
+    """``H_ii^-1/2`` from Hessian-vector products with random signs (Bekas et al., 2007);
+    ``eig`` is accepted for a common signature and unused."""
     x = u.detach().clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(fn(x), x, create_graph=True)
     generator = torch.Generator(device="cpu").manual_seed(0)  # a private stream: no global RNG
@@ -312,7 +322,7 @@ def laplace_preconditioner(
     iterations = sum(m.iterations for m in modes) if modes else first.iterations
     laplaces = []
     for m in modes:
-        scale, flat = curvature(neg_log_density, m.point)
+        scale, flat = curvature(neg_log_density, m.point, m.eig)
         if not flat and bool(torch.isfinite(scale).all()):
             log_det = scale.log().sum() if scale.dim() == 1 else scale.diagonal().log().sum()
             value = -_safe_value(neg_log_density, m.point)
