@@ -31,36 +31,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import transformers as _transformers
 from .distribution import Flow
 from .transformers import Additive, Affine, RationalQuadraticSpline, Transformer
 from .transforms import ActNorm, Autoregressive, Coupling, FlowModule
+from .transforms.config import encode_activation, encode_transformer
 
 __all__ = ["nsf", "maf", "iaf", "realnvp", "nice", "autoregressive_flow", "coupling_flow"]
 
 
-def encode_config_value(value: Any) -> Any:
-    """A builder argument as JSON: activations by name, transformers as ``{type, args}``."""
-    if isinstance(value, _transformers.Transformer):
-        return {"transformer": type(value).__name__, "args": dict(vars(value))}
+def _encode_argument(value: Any) -> Any:
+    """A builder argument as JSON, for the record in ``flow.config``."""
+    if isinstance(value, Transformer):
+        return encode_transformer(value)
     if inspect.isclass(value) and issubclass(value, nn.Module):
-        if getattr(nn, value.__name__, None) is not value:
-            raise ValueError(f"only torch.nn activations can be saved by name, got {value!r}")
-        return {"activation": value.__name__}
+        return {"activation": encode_activation(value)}
     if isinstance(value, tuple):
         return list(value)
-    return value
-
-
-def decode_config_value(value: Any) -> Any:
-    """Inverse of `encode_config_value`."""
-    if isinstance(value, dict) and "transformer" in value:
-        cls = getattr(_transformers, value["transformer"], None)
-        if cls is None or not issubclass(cls, _transformers.Transformer):
-            raise ValueError(f"unknown transformer {value['transformer']!r}")
-        return cls(**value["args"])
-    if isinstance(value, dict) and "activation" in value:
-        return getattr(nn, value["activation"])
     return value
 
 
@@ -74,10 +60,10 @@ def _records_config(builder: Callable[..., Flow]) -> Callable[..., Flow]:
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         try:
-            encoded = {k: encode_config_value(v) for k, v in bound.arguments.items()}
+            encoded = {k: _encode_argument(v) for k, v in bound.arguments.items()}
             flow.config = {"builder": builder.__name__, "kwargs": encoded}
         except ValueError:
-            flow.config = None  # e.g. a custom activation: the flow cannot be saved by config
+            flow.config = None  # e.g. a custom activation: no record of the builder call
         return flow
 
     return wrapper

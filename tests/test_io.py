@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+import math
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
 
-from pyroflows import Flow, fit, flows, load, save
-from pyroflows.transformers import RationalQuadraticSpline
+from pyroflows import (
+    ActNorm,
+    Coupling,
+    Flow,
+    Inverse,
+    LULinear,
+    Permute,
+    Precondition,
+    Reverse,
+    fit,
+    flows,
+    load,
+    save,
+)
+from pyroflows import io as io_module
+from pyroflows.io import describe
+from pyroflows.testing import randomize_
+from pyroflows.transformers import Affine, RationalQuadraticSpline
+
+DATA = Path(__file__).parent / "data"
 
 
 @pytest.mark.parametrize(
@@ -51,10 +71,77 @@ def test_double_precision_is_kept(tmp_path):
     assert all(p.dtype == torch.float64 for p in loaded.parameters())
 
 
-def test_hand_assembled_flow_cannot_be_saved_by_config(tmp_path):
-    flow = Flow(list(flows.maf(2, num_layers=1).layers), 2)
-    with pytest.raises(ValueError, match="state_dict"):
-        save(flow, tmp_path / "m.pt")
+def test_hand_assembled_and_extended_flows_round_trip(tmp_path):
+    """The configuration comes from the layers, so flows not (only) made by a builder save."""
+    torch.manual_seed(0)
+    layers = [
+        LULinear(3, permutation=[2, 0, 1]),
+        Inverse(flows.iaf(3, num_layers=1, hidden_dims=(8,)).layers[0]),
+        Permute([1, 2, 0]),
+        Reverse(3),
+        ActNorm(3),
+    ]
+    flow = Flow(layers, 3)
+    extended = flows.nsf(3, num_layers=2, hidden_dims=(8,))
+    extended.layers.append(Precondition(torch.randn(3), torch.tensor([0.5, 1.0, 2.0])))
+    x = torch.randn(10, 3)
+    for model in (flow, extended):
+        randomize_(model, seed=1)
+        save(model, tmp_path / "m.pt")
+        loaded = load(tmp_path / "m.pt")
+        assert [type(m) for m in loaded.layers] == [type(m) for m in model.layers]
+        with torch.no_grad():
+            torch.testing.assert_close(loaded().log_prob(x), model().log_prob(x), rtol=0, atol=0)
+
+
+def test_layers_that_cannot_be_described_are_refused(tmp_path):
+    custom = Coupling(2, Affine(), conditioner=torch.nn.Linear(1, 2))
+    with pytest.raises(TypeError, match="custom conditioner"):
+        save(Flow([custom], 2), tmp_path / "m.pt")
+    odd_activation = flows.maf(2, num_layers=1, activation=torch.nn.Hardswish)
+    with pytest.raises(ValueError, match="activations can be saved"):
+        save(odd_activation, tmp_path / "m.pt")
+    assert not (tmp_path / "m.pt").exists()
+
+
+@pytest.mark.parametrize(
+    "name, context, expected",
+    [
+        # log_prob of these rows under the files as written by pyroflows 0.1 (format 1).
+        ("format1_nsf_coupling.pt", [[0.1], [-1.0]], [-17.875600814819336, -73.4478988647461]),
+        ("format1_maf.pt", None, [-9.287528038024902, -15.087287902832031]),
+    ],
+)
+def test_format1_files_still_load(name, context, expected):
+    flow = load(DATA / name)
+    x = torch.tensor([[0.5, 1.0], [2.0, 0.3]])
+    c = None if context is None else torch.tensor(context)
+    with torch.no_grad():
+        torch.testing.assert_close(flow.condition(c).log_prob(x), torch.tensor(expected))
+    described = describe(DATA / name)
+    assert described.format_version == 1 and described.input_dim == 2
+
+
+def test_describe_reads_without_building(tmp_path, monkeypatch):
+    flow = flows.nsf(2, 1, num_layers=3, hidden_dims=(8,))
+    fit(
+        flow,
+        torch.rand(100, 2),
+        context=torch.randn(100, 1),
+        epochs=1,
+        progress=False,
+        bounds=[(0.0, 1.0), (None, None)],
+    )
+    flow.metadata = {"columns": ["p", "q"]}
+    save(flow, tmp_path / "m.pt")
+    monkeypatch.setattr(io_module, "_build_v2", None)  # describing must not build
+    d = describe(tmp_path / "m.pt")
+    assert d.builder.startswith("nsf(") and len(d.layers) == 3
+    assert d.layers[0].startswith("Autoregressive(transformer=RationalQuadraticSpline(")
+    assert d.num_parameters == sum(p.numel() for p in flow.parameters())
+    assert d.data_transforms == ["Standardize", "SupportMap"]
+    assert d.data_bounds == [(0.0, 1.0), (-math.inf, math.inf)]
+    assert d.metadata == {"columns": ["p", "q"]} and d.dtype == "float32"
 
 
 def test_foreign_files_are_refused(tmp_path):

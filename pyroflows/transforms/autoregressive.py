@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -10,6 +11,7 @@ from torch import Tensor, nn
 from ..conditioners import MADE
 from ..transformers import Transformer
 from .base import FlowModule, FlowTransform, broadcast_context, check_context, check_event
+from .config import decode_activation, decode_transformer, encode_activation, encode_transformer
 
 __all__ = ["Autoregressive"]
 
@@ -73,6 +75,8 @@ class Autoregressive(FlowModule):
         self.input_dim, self.context_dim = input_dim, context_dim
         self.transformer = transformer
         self.invert = bool(invert)
+        self.hidden_dims, self.residual = tuple(hidden_dims), bool(residual)
+        self.activation = activation
         self.conditioner = MADE(
             input_dim,
             transformer.num_params,
@@ -93,6 +97,25 @@ class Autoregressive(FlowModule):
     def condition(self, context: Tensor | None = None) -> FlowTransform:
         check_context(context, self.context_dim, type(self).__name__)
         return _AutoregressiveTransform(self, context)
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            "input_dim": self.input_dim,
+            "transformer": encode_transformer(self.transformer),
+            "context_dim": self.context_dim,
+            "hidden_dims": list(self.hidden_dims),
+            "order": self.conditioner.order.tolist(),
+            "invert": self.invert,
+            "residual": self.residual,
+            "activation": encode_activation(self.activation),
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Autoregressive:
+        args = dict(config)
+        args["transformer"] = decode_transformer(args["transformer"])
+        args["activation"] = decode_activation(args["activation"])
+        return cls(**args)
 
 
 class _AutoregressiveTransform(FlowTransform):

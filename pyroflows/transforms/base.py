@@ -15,6 +15,7 @@ Direction convention (Pyro's): a transform maps the base side to the data side,
 from __future__ import annotations
 
 from abc import abstractmethod
+from typing import Any
 
 import torch
 from pyro.distributions import TransformModule
@@ -162,6 +163,19 @@ class FlowModule(FlowTransform, TransformModule, ConditionalTransformModule):
         """The inverse layer, a module that shares (and exposes) this layer's parameters."""
         return Inverse(self)
 
+    def get_config(self) -> dict[str, Any]:
+        """The JSON arguments from which `from_config` rebuilds this layer (weights aside).
+
+        `pyroflows.save` stores it for every layer. Layers that cannot be described (a
+        custom network, a subclass of your own) raise a `TypeError`.
+        """
+        raise TypeError(f"{type(self).__name__} layers cannot be saved by configuration")
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> FlowModule:
+        """A fresh layer (initial weights) with the structure ``config`` describes."""
+        return cls(**config)
+
 
 class Inverse(FlowModule):
     """The inverse of a `FlowModule`: forward and inverse swapped, same parameters.
@@ -184,6 +198,9 @@ class Inverse(FlowModule):
     @property
     def inv(self) -> FlowModule:
         return self.layer
+
+    def get_config(self) -> dict[str, Any]:
+        return {"layer": {"type": type(self.layer).__name__, **self.layer.get_config()}}
 
     def condition(self, context: Tensor | None = None) -> FlowTransform:
         return _InverseFlowTransform(self.layer.condition(context))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -10,6 +11,7 @@ from torch import Tensor, nn
 from ..conditioners import MLP
 from ..transformers import Transformer
 from .base import FlowModule, FlowTransform, broadcast_context, check_context, check_event
+from .config import decode_activation, decode_transformer, encode_activation, encode_transformer
 
 __all__ = ["Coupling"]
 
@@ -72,9 +74,9 @@ class Coupling(FlowModule):
         self.register_buffer("mask", mask)
         self.register_buffer("idx_id", idx_id)
         self.register_buffer("idx_tr", idx_tr)
-        # Unused since the merge became one index_copy; kept so saved state dicts still load.
-        self.register_buffer("merge_index", torch.argsort(torch.cat([idx_id, idx_tr])))
         self.num_transformed = len(idx_tr)
+        self.hidden_dims, self.activation = tuple(hidden_dims), activation
+        self.custom_conditioner = conditioner is not None
         if conditioner is None:
             conditioner = MLP(
                 len(idx_id),
@@ -95,6 +97,30 @@ class Coupling(FlowModule):
     def condition(self, context: Tensor | None = None) -> FlowTransform:
         check_context(context, self.context_dim, type(self).__name__)
         return _CouplingTransform(self, context)
+
+    def get_config(self) -> dict[str, Any]:
+        if self.custom_conditioner:
+            raise TypeError("a Coupling layer with a custom conditioner cannot be saved by config")
+        return {
+            "input_dim": self.input_dim,
+            "transformer": encode_transformer(self.transformer),
+            "context_dim": self.context_dim,
+            "hidden_dims": list(self.hidden_dims),
+            "mask": self.mask.tolist(),
+            "activation": encode_activation(self.activation),
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Coupling:
+        args = dict(config)
+        args["transformer"] = decode_transformer(args["transformer"])
+        args["activation"] = decode_activation(args["activation"])
+        return cls(**args)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        # Files written before 0.2 hold a "merge_index" buffer this layer no longer has.
+        state_dict.pop(prefix + "merge_index", None)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
 
 class _CouplingTransform(FlowTransform):

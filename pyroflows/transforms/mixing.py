@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -50,6 +51,9 @@ class Permute(_ContextFree):
     def extra_repr(self) -> str:
         return f"permutation={self.permutation.tolist()}"
 
+    def get_config(self) -> dict[str, Any]:
+        return {"permutation": self.permutation.tolist()}
+
     def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
         check_event(x, self.input_dim)
         return x.index_select(-1, self.permutation), x.new_zeros(x.shape[:-1])
@@ -71,6 +75,9 @@ class Reverse(Permute):
 
     def __init__(self, input_dim: int):
         super().__init__(torch.arange(input_dim - 1, -1, -1))
+
+    def get_config(self) -> dict[str, Any]:
+        return {"input_dim": self.input_dim}
 
 
 class LULinear(_ContextFree):
@@ -107,6 +114,9 @@ class LULinear(_ContextFree):
 
     def extra_repr(self) -> str:
         return f"input_dim={self.input_dim}"
+
+    def get_config(self) -> dict[str, Any]:
+        return {"input_dim": self.input_dim, "permutation": self.permutation.tolist()}
 
     def _factors(self) -> tuple[Tensor, Tensor]:
         d = self.input_dim
@@ -162,6 +172,9 @@ class ActNorm(_ContextFree):
 
     def extra_repr(self) -> str:
         return f"input_dim={self.input_dim}"
+
+    def get_config(self) -> dict[str, Any]:
+        return {"input_dim": self.input_dim}
 
     @torch.no_grad()
     def initialize(self, y: Tensor, eps: float = 1e-6) -> ActNorm:
@@ -240,6 +253,16 @@ class Precondition(_ContextFree):
     def extra_repr(self) -> str:
         form = "diagonal" if self.scale.dim() == 1 else "triangular"
         return f"input_dim={self.input_dim}, scale={form}"
+
+    def get_config(self) -> dict[str, Any]:
+        """Only the shape: ``loc``, ``L`` and the learned parts are in the state dict."""
+        return {"input_dim": self.input_dim, "diagonal": self.scale.dim() == 1}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Precondition:
+        dim = config["input_dim"]
+        scale = torch.ones(dim) if config["diagonal"] else torch.eye(dim)
+        return cls(torch.zeros(dim), scale)
 
     def _ladj(self, x: Tensor) -> Tensor:
         diagonal = self.scale if self.scale.dim() == 1 else self.scale.diagonal()
