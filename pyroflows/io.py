@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import io
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -130,9 +131,10 @@ def save(flow: Flow, path: str | os.PathLike, metadata: dict[str, Any] | None = 
         ValueError: metadata that is not JSON, or a non-default base distribution.
         OSError: the file cannot be written (the message names ``path``).
     """
-    payload = _payload(flow, flow.metadata if metadata is None else metadata)
+    buffer = io.BytesIO()  # serialise first: a write error is then a plain OSError
+    torch.save(_payload(flow, flow.metadata if metadata is None else metadata), buffer)
     with atomic_write(path, "wb") as handle:
-        torch.save(payload, handle)
+        handle.write(buffer.getbuffer())
 
 
 def _payload(flow: Flow, metadata: Any) -> dict[str, Any]:
