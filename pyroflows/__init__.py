@@ -7,7 +7,7 @@ Layers map base to data (``x = f(z)``, Pyro's convention) and are Pyro
 from . import conditioners, datasets, flows, infer, plot, splines, transformers
 from .distribution import DiagNormal, Flow, FlowDistribution
 from .infer import AutoFlow, GuideTraining, train_guide
-from .io import load, save
+from .io import ModelFileError, load, save
 from .training import FitHistory, fit
 from .transforms import (
     ActNorm,
@@ -54,6 +54,7 @@ __all__ = [
     "FitHistory",
     "save",
     "load",
+    "ModelFileError",
     "conditioners",
     "datasets",
     "infer",

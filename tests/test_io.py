@@ -169,3 +169,53 @@ class Exploit:
         import os
 
         return (os.system, (f"touch {__import__('tempfile').gettempdir()}/pwned",))
+
+
+def test_guides_extended_flows_save_and_load(tmp_path):
+    """AutoFlow and AmortizedFlow append layers after building; their flows still load."""
+    import pyro
+    import pyro.distributions as dist
+
+    from pyroflows.infer import AmortizedFlow, AutoFlow
+
+    def model(data):
+        mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        sigma = pyro.sample("sigma", dist.LogNormal(0.0, 1.0))
+        with pyro.plate("n", len(data)):
+            pyro.sample("x", dist.Normal(mu, sigma), obs=data)
+
+    pyro.clear_param_store()
+    guide = AutoFlow(model, model_args=(torch.randn(20) + 3.0,), num_layers=1)
+    q = AmortizedFlow(latent_dim=2, input_dim=4, context_dim=3, hidden_dims=(8,))
+    for flow, context in ((guide.flow, None), (q.flow, torch.randn(5, 3))):
+        randomize_(flow, seed=2)
+        save(flow, tmp_path / "m.pt")
+        loaded = load(tmp_path / "m.pt")
+        z = torch.randn(5, flow.input_dim)
+        with torch.no_grad():
+            torch.testing.assert_close(
+                loaded.condition(context).log_prob(z), flow.condition(context).log_prob(z)
+            )
+
+
+def test_map_location_is_checked_before_reading(tmp_path):
+    save(flows.maf(2, num_layers=1), tmp_path / "m.pt")
+    with pytest.raises(ValueError, match="not a device"):
+        load(tmp_path / "m.pt", map_location="foo")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            load(tmp_path / "m.pt", map_location="cuda")
+
+
+def test_failed_save_leaves_the_previous_file(tmp_path):
+    path = tmp_path / "m.pt"
+    save(flows.maf(2, num_layers=1), path)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="JSON"):
+        save(flows.maf(2, num_layers=1), path, metadata={"bad": object()})
+    with pytest.raises(IsADirectoryError):
+        save(flows.maf(2, num_layers=1), tmp_path)
+    with pytest.raises(OSError, match="missing"):
+        save(flows.maf(2, num_layers=1), tmp_path / "missing" / "m.pt")
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
