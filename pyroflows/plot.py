@@ -36,7 +36,13 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["plot_samples_2d", "plot_density_2d", "plot_corner", "plot_training_curves"]
+__all__ = [
+    "plot_samples_2d",
+    "plot_density_2d",
+    "plot_corner",
+    "plot_training_curves",
+    "plot_demo",
+]
 
 _DATA_COLOR = "C0"
 _SAMPLE_COLOR = "C1"
@@ -614,3 +620,94 @@ def plot_training_curves(history: Any, *, ax: Axes | None = None, log_scale: boo
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend()
     return ax
+
+
+def _demo_limits(data: np.ndarray) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Axis limits around the central 99.8% of 2-D ``data``, padded."""
+    low, high = np.quantile(data, 0.001, axis=0), np.quantile(data, 0.999, axis=0)
+    pad = 0.15 * (high - low) + 0.1
+    (x0, y0), (x1, y1) = (low - pad).tolist(), (high + pad).tolist()
+    return (x0, x1), (y0, y1)
+
+
+def _demo_data_figure(plt: Any, x: np.ndarray, bounds: Any, panel: Any, title: str) -> Figure:
+    fig, ax = plt.subplots(figsize=panel, layout="constrained")
+    ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.5, linewidths=0, color=_DATA_COLOR, rasterized=True)
+    ax.set(xlim=bounds[0], ylim=bounds[1], aspect="equal", title=f"data: {title} ({len(x)} points)")
+    return fig
+
+
+def _demo_overview(
+    plt: Any, data: Any, samples: Any, flow: Any, history: Any, bounds: Any, resolution: int
+) -> Figure:
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.4), layout="constrained")
+    plot_samples_2d(data, samples, ax=axes[:2], bounds=bounds)
+    plot_density_2d(flow, bounds=bounds, resolution=resolution, ax=axes[2], contours=6)
+    axes[2].set_title("flow density")
+    plot_training_curves(history, ax=axes[3])
+    axes[3].set_title("training loss")
+    return fig
+
+
+def plot_demo(
+    data: Any, samples: Any, flow: Any, history: Any, *, title: str = "", resolution: int = 200
+) -> dict[str, Figure]:
+    """The figures of ``pyroflows demo``: a 2-D flow fitted to toy data, from every side.
+
+    Panel sizes follow the data's aspect ratio, so the plots have no empty bands. The caller
+    saves the figures (and closes them).
+
+    Args:
+        data: the training points, shape ``(N, 2)``.
+        samples: samples from the fitted flow, shape ``(M, 2)``.
+        flow: the fitted 2-D flow (or its distribution), drawn by `plot_density_2d`.
+        history: the training history (see `plot_training_curves`); its ``best_val_loss``,
+            if finite, is shown as the held-out log-likelihood.
+        title: name of the dataset, for the titles.
+        resolution: grid points per axis of the density plots.
+
+    Returns:
+        The figures by name: ``data``, ``samples``, ``density``, ``training`` and
+        ``overview`` (the other four panels in one figure).
+
+    Example:
+        >>> import matplotlib
+        >>> matplotlib.use("Agg")
+        >>> import matplotlib.pyplot as plt
+        >>> from pyroflows import datasets, flows
+        >>> flow = flows.nsf(2, coupling=True, num_layers=1)
+        >>> history = {"train_loss": [2.5, 2.2], "val_loss": [2.6, 2.3], "best_epoch": 1}
+        >>> figures = plot_demo(datasets.two_moons(200), flow().sample((200,)), flow, history,
+        ...                     title="two moons", resolution=20)
+        >>> sorted(figures)
+        ['data', 'density', 'overview', 'samples', 'training']
+        >>> plt.close("all")
+    """
+    plt = _pyplot()
+    x = _as_points(data, "data", 2)
+    xlim, ylim = _demo_limits(x)
+    bounds = (xlim, ylim)
+    aspect = (ylim[1] - ylim[0]) / (xlim[1] - xlim[0])
+    panel = (4.5, min(max(4.5 * aspect, 2.0), 6.0) + 0.6)
+    best = _history_field(history, "best_val_loss")
+    heldout = f" (held-out log-likelihood {-best:.3f})" if _finite(best) else ""
+    figures = {"data": _demo_data_figure(plt, x, bounds, panel, title)}
+    figures["samples"], axes = plt.subplots(
+        1, 2, figsize=(2 * panel[0], panel[1]), layout="constrained"
+    )
+    plot_samples_2d(data, samples, ax=axes, bounds=bounds)
+    figures["density"], ax = plt.subplots(
+        figsize=(panel[0] + 0.3, panel[1] + 0.2), layout="constrained"
+    )
+    plot_density_2d(flow, bounds=bounds, resolution=resolution, ax=ax, contours=6)
+    ax.set_title(f"flow density{heldout}")
+    figures["training"], ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    plot_training_curves(history, ax=ax)
+    ax.set(ylabel="negative log-likelihood (nats per point)", title="training")
+    figures["overview"] = _demo_overview(plt, data, samples, flow, history, bounds, resolution)
+    figures["overview"].suptitle(f"pyroflows demo: {title}{heldout}")
+    return figures
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)

@@ -181,7 +181,8 @@ def test_info(used: dict[str, Result]):
     result = used["info"]
     assert_ok(result)
     out = result.stdout
-    assert "nsf(" in out and "num_layers=2" in out and "hidden_dims=(16, 16)" in out
+    assert "nsf(" in out and "num_layers=2" in out
+    assert re.search(r"hidden_dims=[(\[]16, 16[)\]]", out)
     assert re.search(r"dims:\s+2 data, 1 context", out)
     assert re.search(r"columns:\s+x, y", out)
     assert re.search(r"context columns:\s+z", out)
@@ -227,6 +228,9 @@ def test_demo_writes_pngs(work: Path, fitted: dict[str, Result]):
         assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert math.isfinite(printed_number(result.stdout, "held-out log-likelihood:"))
     assert "demo" in result.stdout
+    assert list(pd.read_csv(work / "demo" / "data.csv").columns) == ["x", "y"]
+    assert (work / "demo" / "model.pt").is_file()
+    assert [p.name for p in (work / "demo").iterdir() if p.name.endswith(".tmp")] == []
 
 
 # --------------------------------------------------------------------------- bad input
@@ -296,7 +300,7 @@ def test_logprob_drop_nan_to_stdout(capsys, work: Path, fitted: dict[str, Result
         ("fit empty.csv --out m.pt", ["is empty"], 1),
         ("fit xy.csv --context short_context.csv --out m.pt", ["10 rows", "300"], 1),
         ("fit xy.csv --out no_such_folder/m.pt", ["no_such_folder"], 1),
-        ("fit xy.csv --out m.pt --bounds x=0:", ["outside", "'x'"], 1),
+        ("fit xy.csv --out m.pt --bounds x=0:", ["outside", "xy.csv", "x=0:"], 1),
         ("fit xy.csv --out m.pt --bounds q=0:1", ["'q'"], 1),
         ("fit data.csv --out m.pt --flow maf --bins 4", ["--bins"], 1),
         ("logprob plain.pt only_x.csv", ["'y'", "only_x.csv"], 1),
@@ -315,3 +319,505 @@ def test_no_command(capsys):
 
     assert main([]) == 2
     assert "choose a command" in capsys.readouterr().err
+
+
+def test_package_exports_and_entry_points():
+    from pyroflows.cli import CLIError, build_parser, main
+
+    assert callable(main) and issubclass(CLIError, Exception)
+    assert build_parser().prog == "pyroflows"
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert 'pyroflows = "pyroflows.cli:main"' in pyproject
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def snapshot(work: Path, *names: str) -> dict[str, bytes]:
+    return {name: (work / name).read_bytes() for name in names}
+
+
+def assert_unchanged(work: Path, before: dict[str, bytes]) -> None:
+    for name, content in before.items():
+        assert (work / name).read_bytes() == content, f"{name} was changed"
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Temporary files an atomic write would leave behind."""
+    return [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+def start(args: list[str], cwd: Path, **kwargs) -> subprocess.Popen:
+    env = dict(os.environ, MPLBACKEND="Agg", OMP_NUM_THREADS="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "pyroflows", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **kwargs,
+    )
+
+
+# --------------------------------------------------------------------------- 1. outputs
+
+
+@pytest.mark.parametrize(
+    "command, victim",
+    [
+        ("sample plain.pt -n 3 --out plain.pt", "plain.pt"),
+        ("logprob plain.pt xy.csv --out plain.pt", "plain.pt"),
+        ("logprob plain.pt xy.csv --out xy.csv", "xy.csv"),
+        ("fit xy.csv --out xy.csv", "xy.csv"),
+        ("fit xy.csv --context contexts.csv --out contexts.csv", "contexts.csv"),
+        ("sample cond.pt -n 2 --context contexts.csv --out contexts.csv", "contexts.csv"),
+        (
+            "logprob cond.pt xy.csv --context short_context.csv -o short_context.csv",
+            "short_context.csv",
+        ),
+        ("sample plain.pt -n 3 --out plain_link.pt", "plain.pt"),  # a link to the input
+    ],
+)
+def test_output_that_is_an_input_is_refused(capsys, work, fitted, command, victim):
+    link = work / "plain_link.pt"
+    if not link.exists():
+        link.symlink_to(work / "plain.pt")
+    before = snapshot(work, victim)
+    result = call(capsys, work, command + " --epochs 100000")  # refused before any training
+    if result.returncode == 2:  # sample/logprob have no --epochs: run without it
+        result = call(capsys, work, command)
+    assert_one_line_error(result, "also an input", code=1)
+    assert result.stdout == ""
+    assert_unchanged(work, before)
+
+
+@pytest.mark.parametrize(
+    "command, fragments",
+    [
+        ("sample plain.pt -n 3 --out no_folder/x.csv", ["no_folder", "does not exist"]),
+        ("logprob plain.pt xy.csv --out no_folder/x.csv", ["no_folder", "does not exist"]),
+        ("fit xy.csv --out no_folder/m.pt", ["no_folder", "does not exist"]),
+        ("sample plain.pt -n 3 --out a_folder/", ["a_folder/", "directory"]),
+        ("sample plain.pt -n 3 --out a_folder", ["a_folder", "directory"]),
+        ("fit xy.csv --out a_folder", ["a_folder", "directory"]),
+        ("sample plain.pt -n 3 --out /dev/null", ["/dev/null", "not a regular file"]),
+    ],
+)
+def test_unwritable_output_is_one_line(capsys, work, fitted, command, fragments):
+    (work / "a_folder").mkdir(exist_ok=True)
+    assert_one_line_error(call(capsys, work, command), *fragments, code=1)
+    assert not (work / "no_folder").exists()
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes anywhere")
+def test_read_only_folder_is_one_line(capsys, work, fitted):
+    folder = work / "read_only"
+    folder.mkdir(exist_ok=True)
+    folder.chmod(0o555)
+    try:
+        result = call(capsys, work, "sample plain.pt -n 3 --out read_only/x.csv")
+    finally:
+        folder.chmod(0o755)
+    assert_one_line_error(result, "read_only", "not writable", code=1)
+
+
+def _wait_for(proc: subprocess.Popen, ready, timeout: float = 60) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the command did not start"
+        time.sleep(0.05)
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGXFSZ"), reason="needs POSIX signals")
+def test_failed_or_interrupted_sample_keeps_the_previous_file(work, fitted):
+    """A file-size limit and Ctrl-C in the middle of writing: the old file stays."""
+    import resource
+    import signal
+
+    for name in ("limited.csv", "interrupted.csv"):
+        (work / name).write_text("x,y\n1,2\n")
+    before = snapshot(work, "limited.csv", "interrupted.csv")
+
+    def limit():  # files may not grow past 20 kB
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    sample = ["sample", "plain.pt", "-n"]
+    limited = start([*sample, "200000", "--out", "limited.csv"], work, preexec_fn=limit)
+    interrupted = start([*sample, "100000000", "--out", "interrupted.csv"], work)
+    _wait_for(interrupted, lambda: any(n.startswith(".interrupted") for n in leftovers(work)))
+    interrupted.send_signal(signal.SIGINT)
+    out, err = limited.communicate(timeout=120)
+    assert_one_line_error(Result([], limited.returncode, out.decode(), err.decode()), code=1)
+    assert "limited.csv" in err.decode() and "File too large" in err.decode()
+    out, err = interrupted.communicate(timeout=60)
+    assert interrupted.returncode == 130, err
+    assert err.decode() == "pyroflows: interrupted\n"
+    assert_unchanged(work, before)
+    assert leftovers(work) == []
+
+
+def test_interrupted_fit_keeps_the_previous_model(capsys, monkeypatch, work, fitted):
+    from pyroflows.cli import fit
+
+    def interrupted_fit(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fit, "fit", interrupted_fit)
+    before = snapshot(work, "plain.pt")
+    result = call(capsys, work, f"fit xy.csv --out plain.pt {TINY}")
+    assert result.returncode == 130 and result.stderr == "pyroflows: interrupted\n"
+    assert_unchanged(work, before)
+
+
+def test_broken_pipe_is_quiet(capsys, monkeypatch, work, fitted):
+    class ClosedPipe(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    result = call(capsys, work, "sample plain.pt -n 100")
+    assert result.returncode == 1 and result.stderr == ""
+
+
+# --------------------------------------------------------------------------- 2. streaming
+
+
+@pytest.mark.parametrize("n, chunk", [(50, 16), (5, 8), (20, 8), (3, 1000)])
+def test_sample_streams_in_chunks(capsys, monkeypatch, work, fitted, n, chunk):
+    from pyroflows.cli import sample, tables
+
+    monkeypatch.setattr(sample, "CHUNK_ROWS", chunk)
+    sizes = []
+    write_rows = tables.write_rows
+
+    def recording(handle, frame, header):
+        sizes.append(len(frame))
+        write_rows(handle, frame, header)
+
+    monkeypatch.setattr(sample, "write_rows", recording)
+    result = call(capsys, work, f"sample cond.pt -n {n} --context contexts.csv --seed 0")
+    assert_ok(result)
+    assert max(sizes) <= max(chunk, n) and sum(sizes) == 4 * n
+    table = pd.read_csv(io.StringIO(result.stdout))
+    assert list(table.columns) == ["row", "x", "y"]  # one header, then only rows
+    assert table["row"].tolist() == np.repeat(np.arange(4), n).tolist()
+    assert np.isfinite(table[["x", "y"]].to_numpy()).all()
+    if chunk >= n:  # unconditional: chunks of CHUNK_ROWS
+        sizes.clear()
+        assert_ok(call(capsys, work, f"sample plain.pt -n {3 * n + 1}"))
+        assert max(sizes) <= chunk and sum(sizes) == 3 * n + 1
+
+
+def test_sample_float_format(capsys, work, fitted):
+    result = call(capsys, work, "sample plain.pt -n 20 --seed 3")
+    assert_ok(result)
+    for line in result.stdout.splitlines()[1:]:
+        for value in line.split(","):
+            digits = value.lstrip("-").split("e")[0].replace(".", "").lstrip("0")
+            assert len(digits) <= 8, value
+
+
+def test_sample_is_seeded_and_reports_rows(capsys, work, fitted):
+    first = call(capsys, work, "sample plain.pt -n 10 --seed 5 --out s1.csv")
+    second = call(capsys, work, "sample plain.pt -n 10 --seed 5 --out -")
+    assert_ok(first) and assert_ok(second)
+    assert "wrote 10 rows to s1.csv" in first.stdout
+    assert (work / "s1.csv").read_text() == second.stdout
+
+
+# --------------------------------------------------------------------------- 3. "-"
+
+
+def test_dash_refused_where_a_file_is_needed(capsys, work, fitted):
+    for command, fragment in [
+        ("fit xy.csv --out -", "binary"),
+        ("demo --out -", "folder"),
+        ("fit - --context - --out m.pt", "standard input"),
+        ("logprob - - ", "standard input"),
+    ]:
+        assert_one_line_error(call(capsys, work, command), fragment, code=1)
+    assert not (work / "-").exists()
+
+
+def test_dash_reads_stdin(capsys, monkeypatch, work, fitted):
+    monkeypatch.setattr(sys, "stdin", io.StringIO((work / "xy.csv").read_text()))
+    result = call(capsys, work, "logprob plain.pt - --out -")
+    assert_ok(result)
+    assert len(pd.read_csv(io.StringIO(result.stdout))) == 300
+    model = io.TextIOWrapper(io.BytesIO((work / "plain.pt").read_bytes()))
+    monkeypatch.setattr(sys, "stdin", model)
+    result = call(capsys, work, "info -")
+    assert_ok(result)
+    assert re.search(r"model:\s+<stdin>", result.stdout)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"not a model")))
+    assert_one_line_error(call(capsys, work, "sample - -n 2"), "<stdin>", code=1)
+
+
+def test_fit_from_stdin(capsys, monkeypatch, work):
+    monkeypatch.setattr(sys, "stdin", io.StringIO((work / "xy.csv").read_text()))
+    result = call(capsys, work, f"fit - --out stdin.pt {TINY}")
+    assert_ok(result)
+    from pyroflows.io import describe
+
+    assert describe(work / "stdin.pt").metadata["settings"]["data"] == "<stdin>"
+
+
+# --------------------------------------------------------------------------- 4. options
+
+
+@pytest.mark.parametrize(
+    "command, fragments, code",
+    [
+        ("fit xy.csv --out m.pt --device foo", ["--device", "cpu, cuda or cuda:N"], 2),
+        ("fit xy.csv --out m.pt --device mps", ["--device", "'mps'"], 2),
+        ("fit xy.csv --out m.pt --device meta", ["--device", "'meta'"], 2),
+        ("fit xy.csv --out m.pt --device=", ["--device", "''"], 2),
+        ("fit xy.csv --out m.pt --threads 100000", ["--threads", "CPUs"], 2),
+        ("sample plain.pt -n 3 --threads 0", ["--threads"], 2),
+        ("fit xy.csv --out m.pt --seed 1180591620717411303424", ["--seed", "2**63"], 2),
+        ("sample plain.pt -n 3 --seed -1", ["--seed", "2**63"], 2),
+        ("demo --seed 9223372036854775808", ["--seed"], 2),
+        ("fit xy.csv --out m.pt --patience -1", ["--patience", "non-negative"], 2),
+        ("fit xy.csv --out m.pt --epochs 0", ["--epochs", "positive"], 2),
+        ("fit xy.csv --out m.pt --layers -2", ["--layers"], 2),
+        ("fit xy.csv --out m.pt --bounds x=1:0", ["LOW < HIGH"], 2),
+        ("fit xy.csv --out m.pt --bounds x=0: x=-1:", ["'x'", "more than once"], 1),
+        (
+            "fit data.csv --out m.pt --context data.csv",
+            ["data table itself", "--context-columns"],
+            1,
+        ),
+        ("fit xy.csv --out m.pt --sep ab", ["--sep"], 2),
+        ("fit xy.csv --out m.pt --decimal ,", ["--sep and --decimal"], 1),
+        ("fit xy.csv --out m.pt --columns x x", ["--columns", "'x'"], 1),
+    ],
+)
+def test_bad_options_are_one_line(capsys, work, command, fragments, code):
+    result = call(capsys, work, command)
+    assert_one_line_error(result, *fragments, code=code)
+    assert not (work / "m.pt").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CUDA is available")
+def test_cuda_without_cuda_is_one_line(capsys, work):
+    result = call(capsys, work, "fit xy.csv --out m.pt --device cuda:0")
+    assert_one_line_error(result, "CUDA is not available", code=1)
+
+
+def test_cuda_index_must_exist(monkeypatch):
+    import torch
+
+    from pyroflows.cli import CLIError
+    from pyroflows.cli.fit import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert check_device("cuda:1") == "cuda:1" and check_device("cpu") == "cpu"
+    with pytest.raises(CLIError, match="2 CUDA device"):
+        check_device("cuda:2")
+
+
+def test_patience_zero_and_largest_seed_work(capsys, work):
+    seed = 2**63 - 1
+    result = call(capsys, work, f"fit xy.csv --out p0.pt --patience 0 --seed {seed} {TINY}")
+    assert_ok(result)
+    assert_ok(call(capsys, work, f"sample p0.pt -n 2 --seed {seed}"))
+
+
+def test_threads_are_restored(capsys, work, fitted):
+    import torch
+
+    before = torch.get_num_threads()
+    assert_ok(call(capsys, work, f"sample plain.pt -n 2 --threads {os.cpu_count()}"))
+    assert torch.get_num_threads() == before
+
+
+# --------------------------------------------------------------------------- 5. dialects
+
+
+@pytest.fixture(scope="module")
+def dialects(work: Path) -> Path:
+    table = pd.read_csv(work / "xy.csv")
+    table.to_csv(work / "semi.csv", sep=";", decimal=",", index=False)
+    table.to_csv(work / "tab.csv", sep="\t", index=False)
+    table.to_csv(work / "pipe.csv", sep="|", index=False)
+    (work / "extra.csv").write_text("x,y\n1,2,3\n4,5,6\n")
+    return work
+
+
+@pytest.mark.parametrize(
+    "name, fragments",
+    [
+        ("semi.csv", ["--sep ';'", "--decimal ,", "one column"]),
+        ("tab.csv", ["--sep tab"]),
+        ("pipe.csv", ["--sep '|'"]),
+        ("extra.csv", ["more fields than the header", "--sep"]),
+    ],
+)
+def test_wrong_separator_is_refused_with_a_hint(capsys, dialects, name, fragments):
+    for command in (f"fit {name} --out m.pt", f"logprob plain.pt {name}"):
+        assert_one_line_error(call(capsys, dialects, command), name, *fragments, code=1)
+
+
+def test_sep_and_decimal_options(capsys, dialects, fitted):
+    reference = call(capsys, dialects, "logprob plain.pt xy.csv")
+    semi = call(capsys, dialects, "logprob plain.pt semi.csv --sep ; --decimal ,")
+    tab = call(capsys, dialects, "logprob plain.pt tab.csv --sep tab")
+    for result in (reference, semi, tab):
+        assert_ok(result)
+    expected = pd.read_csv(io.StringIO(reference.stdout))["log_prob"]
+    for result in (semi, tab):
+        got = pd.read_csv(io.StringIO(result.stdout))["log_prob"]
+        np.testing.assert_allclose(got, expected, rtol=1e-6)
+    hint = call(capsys, dialects, "logprob plain.pt semi.csv --sep ;")
+    assert_one_line_error(hint, "not numeric", "--decimal ,", code=1)
+
+
+# --------------------------------------------------------------------------- 6. library checks
+
+
+def test_nan_rows_use_the_library_check(capsys, monkeypatch, work):
+    from pyroflows.cli import tables
+
+    calls = []
+    original = tables.find_bad_rows
+    monkeypatch.setattr(tables, "find_bad_rows", lambda t: calls.append(t.shape) or original(t))
+    assert_one_line_error(call(capsys, work, "fit nan.csv --out m.pt"), "3, 7", code=1)
+    assert calls == [(300, 2)]
+
+
+def test_bounds_are_checked_by_fit_after_drop_nan(capsys, work):
+    result = call(capsys, work, "fit nan.csv --drop-nan --out m.pt --bounds y=0:")
+    assert result.stderr.startswith("pyroflows: dropped 2 row(s)")
+    result.stderr = result.stderr.split("\n", 1)[1]  # the note, then one line of error
+    assert_one_line_error(result, "nan.csv", "outside", "after dropping", "y=0:", code=1)
+    assert not (work / "m.pt").exists()
+
+
+def test_context_bounds_reach_the_model(capsys, work):
+    command = f"fit data.csv --context-columns z --bounds z=-1:1 x=-100: --out zb.pt {TINY}"
+    assert_ok(call(capsys, work, command))
+    result = call(capsys, work, "info zb.pt")
+    assert_ok(result)
+    assert "x > -100" in result.stdout and "-1 < z < 1" in result.stdout
+
+
+# --------------------------------------------------------------------------- 7-8. info, metadata
+
+
+def test_printable_escapes_control_characters():
+    from pyroflows.cli.text import printable
+
+    assert printable("a\x1b[31mb") == "a\\x1b[31mb"
+    assert printable("1\n2\r3\t4") == "1\\n2\\r3\\t4"
+    assert printable("rtl\u202eoverride") == "rtl\\u202eoverride"
+    assert printable("naïve 中文 x") == "naïve 中文 x"
+
+
+def _save(path: Path, metadata: object) -> None:
+    from pyroflows import flows, save
+
+    flow = flows.maf(2, num_layers=1, hidden_dims=(4,))
+    flow.metadata = metadata
+    save(flow, path)
+
+
+def test_hostile_metadata_is_printed_escaped(capsys, work):
+    _save(
+        work / "evil.pt",
+        {
+            "columns": ["a\x1b[2Jb", "c\nd"],
+            "created_by": "x\r\x1b]0;title\x07",
+            "history": {"epochs_run": "many", "wall_time": [1], "heldout_log_likelihood": "?"},
+            "settings": {"data": "d\u202eabc"},
+        },
+    )
+    info = call(capsys, work, "info evil.pt")
+    sample = call(capsys, work, "sample evil.pt -n 2")
+    for result in (info, sample):
+        assert_ok(result)
+        assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f\u202e]", result.stdout + result.stderr)
+    assert "a\\x1b[2Jb, c\\nd" in info.stdout and "x\\r\\x1b]0;title\\x07" in info.stdout
+    assert sample.stdout.splitlines()[0] == "a\\x1b[2Jb,c\\nd"
+    assert len(sample.stdout.splitlines()) == 3
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {"columns": [1, 2]},
+        {"columns": ["a"]},
+        {"columns": ["a", "a"]},
+        {"columns": "ab"},
+        {"columns": ["a", "b"], "context_columns": ["c"]},
+    ],
+)
+def test_malformed_metadata_is_one_line(capsys, work, metadata):
+    _save(work / "malformed.pt", metadata)
+    for command in ("info malformed.pt", "sample malformed.pt -n 2", "logprob malformed.pt xy.csv"):
+        assert_one_line_error(call(capsys, work, command), "malformed.pt", "metadata", code=1)
+
+
+def test_info_groups_layers():
+    from pyroflows.cli.info import group_layers
+
+    assert group_layers(["A", "A", "A", "B", "A"]) == ["3 x A", "B", "A"]
+    assert group_layers([]) == []
+
+
+def test_info_uses_describe_not_load(capsys, monkeypatch, work, fitted):
+    import pyroflows.io
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("info must not build the flow")
+
+    from pyroflows.cli import models
+
+    monkeypatch.setattr(models, "load", no_load)
+    result = call(capsys, work, "info plain.pt")
+    assert_ok(result)
+    assert re.search(r"layers:\s+2 x ", result.stdout)
+    assert pyroflows.io.describe is models.describe
+
+
+# --------------------------------------------------------------------------- 9. errors
+
+
+def test_damaged_model_files_are_one_line(capsys, work, fitted):
+    content = (work / "plain.pt").read_bytes()
+    (work / "truncated.pt").write_bytes(content[: len(content) // 2])
+    (work / "a_model_folder").mkdir(exist_ok=True)
+    for command in ("info truncated.pt", "sample truncated.pt -n 2", "info a_model_folder"):
+        assert_one_line_error(call(capsys, work, command), code=1)
+
+
+# --------------------------------------------------------------------------- 10. demo
+
+
+def test_plot_demo_returns_the_figures():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from pyroflows import datasets, flows
+    from pyroflows.plot import plot_demo
+
+    flow = flows.nsf(2, coupling=True, num_layers=1, hidden_dims=(8,))
+    history = {"train_loss": [2.0, 1.5], "val_loss": [2.1, 1.6], "best_epoch": 1}
+    with torch.no_grad():
+        samples = flow().sample((100,))
+    figures = plot_demo(datasets.two_moons(100), samples, flow, history, title="t", resolution=10)
+    assert list(figures) == ["data", "samples", "density", "training", "overview"]
+    assert all(isinstance(f, matplotlib.figure.Figure) for f in figures.values())
+    plt.close("all")
+
+
+def test_demo_refuses_a_file_as_folder(capsys, work):
+    (work / "a_file").write_text("keep")
+    assert_one_line_error(call(capsys, work, "demo --out a_file"), "a_file", code=1)
+    assert (work / "a_file").read_text() == "keep"
