@@ -10,6 +10,13 @@ provided:
 
 Both zero-initialise their last layer by default, so the transformer starts at the identity.
 
+Both see a bounded copy of their input: each value (context included) is clamped to
+``[-INPUT_LIMIT, INPUT_LIMIT]`` (1e6, far outside any spline interval or standardised data).
+A huge but finite input (1e20, 3e38) would otherwise drive the network to ``inf``/NaN
+parameters that poison features well inside the spline's range. The clamp is a function of
+the conditioning features, so the coupling/autoregressive structure, the bijection and its
+log-determinant stay exact; it only makes the parameters constant beyond the limit.
+
 Example:
     >>> import torch
     >>> from pyroflows.conditioners import MADE
@@ -25,7 +32,17 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MLP", "MADE", "MaskedLinear", "join_context"]
+__all__ = ["MLP", "MADE", "MaskedLinear", "join_context", "INPUT_LIMIT"]
+
+#: Conditioner inputs are clamped to ``[-INPUT_LIMIT, INPUT_LIMIT]`` (see the module docstring).
+INPUT_LIMIT = 1e6
+
+
+def _bounded(h: Tensor) -> Tensor:
+    """``h`` clamped to the conditioners' input range (lower for half precision, whose
+    network products would overflow)."""
+    limit = min(INPUT_LIMIT, torch.finfo(h.dtype).max ** 0.5) if h.is_floating_point() else None
+    return h if limit is None else h.clamp(-limit, limit)
 
 
 def _linear_transposed(layer: nn.Linear, h: Tensor) -> Tensor:
@@ -132,7 +149,7 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """Evaluate on ``x`` (shape ``(..., in_features)``) and an optional context."""
-        h = join_context(x, context)
+        h = _bounded(join_context(x, context))
         if self.batch_innermost and h.dim() == 2:
             return _forward_transposed(self.net, h).t()
         return self.net(h)
@@ -254,7 +271,7 @@ class MADE(nn.Module):
         and batch elements are contiguous, with the batch innermost, which is how
         `Autoregressive` feeds a spline.
         """
-        h = join_context(x, context)
+        h = _bounded(join_context(x, context))
         if not self.batch_innermost:
             return self.net(h).unflatten(-1, (self.features, self.num_params))
         batch = h.shape[:-1]

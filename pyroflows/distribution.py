@@ -56,10 +56,20 @@ class FlowDistribution(dist.TransformedDistribution):
     in SVI score its own samples without inverting them. Any other tensor, including data
     scored at every step of a training loop, is recomputed, so there is nothing to clear.
 
+    Precision: a flow whose last transforms are fixed data maps (`Standardize`,
+    `SupportMap`, counted by ``num_data_transforms``) accepts float64 values even when it
+    computes in float32: `log_prob` runs those maps on the float64 values and casts to the
+    flow's dtype only before the learned layers, so data such as ``1.7e9 + 100 * noise`` is
+    scored without rounding (the log-density has the flow's dtype). Without data maps the
+    values must have the flow's dtype. ``sample(shape, dtype=torch.float64)`` runs the maps
+    the other way and returns float64 values. Float32 values in give float32 results.
+
     Args:
         base_dist: base distribution with event shape ``(D,)``.
         transforms: `FlowTransform`s, applied base to data.
         validate_args: Pyro/torch argument validation (checks values for NaN/Inf).
+        num_data_transforms: how many of the last ``transforms`` are fixed data maps that
+            compute in float64 (set by `Flow.condition`).
     """
 
     arg_constraints: dict = {}
@@ -71,6 +81,8 @@ class FlowDistribution(dist.TransformedDistribution):
         base_dist: dist.TorchDistribution,
         transforms: Sequence[FlowTransform],
         validate_args: bool | None = None,
+        *,
+        num_data_transforms: int = 0,
     ):
         for t in transforms:
             if not isinstance(t, FlowTransform):
@@ -78,21 +90,31 @@ class FlowDistribution(dist.TransformedDistribution):
                     f"FlowDistribution needs FlowTransforms, got {type(t).__name__}; use "
                     "pyro.distributions.TransformedDistribution for other transforms"
                 )
+        if not 0 <= num_data_transforms <= len(transforms):
+            raise ValueError(
+                f"num_data_transforms must be in [0, {len(transforms)}], got {num_data_transforms}"
+            )
         super().__init__(base_dist, list(transforms), validate_args=validate_args)
         self._last_draw: tuple[Tensor, int, Tensor, bool] | None = None
+        self._num_data = num_data_transforms
 
     def expand(self, batch_shape: Sequence[int], _instance=None) -> FlowDistribution:
         new = self._get_checked_instance(FlowDistribution, _instance)
         new = super().expand(batch_shape, _instance=new)
         new._last_draw = None
+        new._num_data = self._num_data
         return new
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return self.base_dist.mean.dtype
 
     def _check_value(self, value: Tensor) -> None:
         if not isinstance(value, Tensor):
             raise ValueError(f"values must be a torch.Tensor, got {type(value).__name__}")
         check_event(value, self.event_shape[0], "values")
-        expected = self.base_dist.mean.dtype
-        if value.dtype != expected:
+        expected = self._dtype
+        if value.dtype != expected and not (self._num_data and _wider(value.dtype, expected)):
             raise ValueError(
                 f"values have dtype {value.dtype} but the flow computes in {expected}; "
                 f"convert the values (e.g. x.to({expected})) or the flow (e.g. flow.double())"
@@ -125,32 +147,67 @@ class FlowDistribution(dist.TransformedDistribution):
         ):
             return last[2]
         self._check_value(value)
+        dtype = self._dtype
+        shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
+        if shape.numel() == 0:  # an empty batch: nothing to score
+            return value.new_empty(shape, dtype=dtype)
         z, total = value, None
-        for t in reversed(self.transforms):
+        first_learned = len(self.transforms) - self._num_data
+        for i, t in reversed(list(enumerate(self.transforms))):
+            if i < first_learned and z.dtype != dtype:
+                z = z.to(dtype)  # the data maps ran on the wider values; the layers cannot
             z, ladj = t.inv_and_ladj(z)
+            ladj = ladj.to(dtype)
             total = ladj if total is None else total + ladj
-        log_prob = self.base_dist.log_prob(z)
+        log_prob = self.base_dist.log_prob(z.to(dtype))
         return log_prob if total is None else log_prob + total
 
-    def rsample_and_log_prob(self, sample_shape: Sequence[int] = ()) -> tuple[Tensor, Tensor]:
-        """Reparameterised sample and its log-density from one forward pass."""
+    def rsample_and_log_prob(
+        self, sample_shape: Sequence[int] = (), *, dtype: torch.dtype | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Reparameterised sample and its log-density from one forward pass.
+
+        ``dtype`` (e.g. ``torch.float64``): the dtype of the returned sample; the fixed data
+        maps then compute in it, so a float32 flow yields float64 values of full precision.
+        The log-density keeps the flow's dtype.
+        """
         x = self.base_dist.rsample(torch.Size(sample_shape))
-        log_prob = self.base_dist.log_prob(x)
-        for t in self.transforms:
+        # torch's Independent cannot sum an empty batch: an empty draw has an empty density.
+        log_prob = self.base_dist.log_prob(x) if x.numel() else x.new_empty(x.shape[:-1])
+        for t in self._to_data(dtype, x):
+            if isinstance(t, torch.dtype):
+                x = x.to(t)
+                continue
             x, ladj = t.call_and_ladj(x)
-            log_prob = log_prob - ladj
+            log_prob = log_prob - ladj.to(log_prob.dtype)
         self._last_draw = (x, x._version, log_prob, torch.is_grad_enabled())
         return x, log_prob
 
-    def rsample(self, sample_shape: Sequence[int] = ()) -> Tensor:
-        return self.rsample_and_log_prob(sample_shape)[0]
+    def rsample(
+        self, sample_shape: Sequence[int] = (), *, dtype: torch.dtype | None = None
+    ) -> Tensor:
+        """Reparameterised sample (``dtype`` as in `rsample_and_log_prob`)."""
+        return self.rsample_and_log_prob(sample_shape, dtype=dtype)[0]
 
-    def sample(self, sample_shape: Sequence[int] = ()) -> Tensor:
+    def sample(
+        self, sample_shape: Sequence[int] = (), *, dtype: torch.dtype | None = None
+    ) -> Tensor:
+        """Sample without gradients (``dtype`` as in `rsample_and_log_prob`)."""
         with torch.no_grad():
             x = self.base_dist.sample(torch.Size(sample_shape))
-            for t in self.transforms:
-                x = t._call(x)
+            for t in self._to_data(dtype, x):
+                x = x.to(t) if isinstance(t, torch.dtype) else t._call(x)
         return x
+
+    def _to_data(self, dtype: torch.dtype | None, z: Tensor) -> list[FlowTransform | torch.dtype]:
+        """The transforms base to data for the base draws ``z``, with a cast to ``dtype``
+        before the data maps (only the cast for an empty ``z``: nothing to transform)."""
+        if dtype is not None and not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating point dtype, got {dtype!r}")
+        steps: list[FlowTransform | torch.dtype] = list(self.transforms) if z.numel() else []
+        if dtype is not None and dtype != self._dtype:
+            steps.insert(len(steps) - self._num_data, dtype)
+        return steps
 
 
 class Flow(nn.Module):
@@ -240,7 +297,11 @@ class Flow(nn.Module):
         batch_shape = () if context is None else context.shape[:-1]
         if context is not None:
             expected = self.base.loc.dtype if isinstance(self.base, DiagNormal) else None
-            if not torch.is_floating_point(context) or (expected and context.dtype != expected):
+            if not torch.is_floating_point(context) or (
+                expected
+                and context.dtype != expected
+                and not (len(self.context_transforms) and _wider(context.dtype, expected))
+            ):
                 raise ValueError(
                     f"context has dtype {context.dtype}, expected a floating point tensor"
                     + (f" of dtype {expected}" if expected else "")
@@ -255,6 +316,8 @@ class Flow(nn.Module):
                 )
             for t in reversed(self.context_transforms):
                 context = t.inv_and_ladj(context)[0]
+            if expected is not None:  # a float64 context reaches the layers in their dtype
+                context = context.to(expected)
         transforms = [
             layer.condition(context if layer.context_dim else None) for layer in self.layers
         ]
@@ -265,11 +328,17 @@ class Flow(nn.Module):
                 f"the base distribution has event shape {tuple(base.event_shape)}, "
                 f"expected ({self.input_dim},)"
             )
-        return FlowDistribution(base, transforms)
+        return FlowDistribution(base, transforms, num_data_transforms=len(self.data_transforms))
 
     def forward(self, context: Tensor | None = None) -> FlowDistribution:
         """Same as `condition`."""
         return self.condition(context)
+
+
+def _wider(dtype: torch.dtype, flow_dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` is float64 and ``flow_dtype`` a lower floating precision: such values
+    are accepted by a flow with fixed data (context) maps, and cast after those maps."""
+    return dtype == torch.float64 and flow_dtype.is_floating_point and flow_dtype != dtype
 
 
 def _checked(

@@ -38,6 +38,7 @@ import hashlib
 import inspect
 import io
 import json
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -672,7 +673,16 @@ def _flow_v1(path: Any, config: Any, state: dict, max_parameters: int) -> Flow:
             if not isinstance(item, dict) or item.get("type") not in _FIXED:
                 raise ValueError(f"{key} may hold only Standardize and SupportMap")
             target.append(_FIXED[item["type"]](_int(item.get("input_dim"), "input_dim", dim, dim)))
+    _unbound_splines(flow)
     return _load_weights(flow, state, dtype)
+
+
+def _unbound_splines(flow: Flow) -> None:
+    """Format-1 files predate the spline's raw-parameter bound: their splines had none."""
+    for layer in flow.layers:
+        transformer = getattr(layer, "transformer", None)
+        if transformer is not None and "raw_bound" in vars(transformer):
+            layer.transformer = type(transformer)(**{**vars(transformer), "raw_bound": math.inf})
 
 
 # --------------------------------------------------------------------------- describing

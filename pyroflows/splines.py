@@ -31,6 +31,24 @@ solves the per-bin quadratic with a cancellation-free root whose discriminant is
 zero and whose result is clipped to its bin. The kernel is differentiable once: a second
 derivative through a spline is an error.
 
+Float32 limit. Inverting a spline is only as accurate as the spline is steep: a round trip
+``x -> y -> x`` errs by about ``eps * |y| / (dy/dx)`` (``eps`` = 6e-8 in float32). Raw
+parameters that differ by a few units give bins of very different slopes next to knot
+derivatives near 1, and the interior slope of such a bin falls to ~1e-7. Measured with 8 bins
+on ``[-5, 5]`` (largest error over 20,000 draws; raw values ``±r`` or ``N(0, r^2)``), float32:
+
+========================  =======  =======  =======  ========
+raw magnitude ``r``       1        2        3        >= 5
+========================  =======  =======  =======  ========
+round-trip error in x     1e-4     1e-2     0.1-0.5  1 - 9
+========================  =======  =======  =======  ========
+
+Float64 stays below 1e-7 for any ``r``. The functions here take raw parameters as given;
+the spline transformers (`pyroflows.transformers`) bound them softly first
+(``raw_bound``, default 2: each raw value becomes ``2 * tanh(r / 2)``), which
+keeps the float32 round trip within about 0.2% of the interval in x and 1e-2 in log-det
+for raw parameters of any size, whatever a conditioner outputs.
+
 Example:
     >>> import torch
     >>> from pyroflows.splines import rational_quadratic_spline
@@ -348,8 +366,8 @@ class _RationalQuadratic(torch.autograd.Function):
         if variant == "identity":
             out = torch.addcmul(out.mul_(mask), x, 1.0 - mask)
             ladj = ladj.mul_(mask)
-        elif variant == "free" and inverse:  # zero density outside the interval
-            ladj = torch.where(mask > 0, ladj, -math.inf)
+        elif variant == "free":  # zero density outside the interval, in either direction
+            ladj = torch.where(mask > 0, ladj, -math.inf if inverse else math.inf)
 
         ctx.config = (k, variant, span, min_bin_width, min_bin_height, inverse)
         ctx.theta_shape, ctx.theta_stride = theta.shape, theta.stride()
@@ -369,7 +387,7 @@ class _RationalQuadratic(torch.autograd.Function):
             g_in = g_out * mask
             g_outside = g_out - g_in
             g_out, g_ladj = g_in, g_ladj * mask
-        elif variant == "free" and inverse:
+        elif variant == "free":
             g_ladj = g_ladj * mask
         g_v, g_xk, g_wk, g_yk, g_hk, g_d0, g_d1 = _rq_grads(tuple(saved), g_out, g_ladj, inverse)
 
@@ -605,9 +623,15 @@ def bounded_rational_quadratic_spline(
 ) -> tuple[Tensor, Tensor]:
     """Monotone rational-quadratic bijection of ``[low, high]`` onto itself, without tails.
 
+    The map is a bijection of ``[low, high]`` only: a value outside it is clamped onto the
+    interval and gets log-det ``-inf`` from the inverse and ``+inf`` from the forward map
+    (the two agree, ``log|dx/dy| = -log|dy/dx|``), so a flow's log-density there is ``-inf``
+    (zero density) whichever direction computes it, and never NaN. Nothing is raised: that
+    would need a device-to-host check on every call.
+
     Args:
-        x: input, any shape ``S``; values outside ``[low, high]`` are clamped onto it, and
-            the inverse gives them log-det ``-inf`` (the density is zero outside).
+        x: input, any shape ``S``; values outside ``[low, high]`` are outside the domain
+            (see above).
         unnormalized_widths: raw bin widths, shape ``S + (K,)``.
         unnormalized_heights: raw bin heights, shape ``S + (K,)``.
         unnormalized_derivatives: raw derivatives at all ``K + 1`` knots, ``S + (K + 1,)``.

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import os
 import time
 import warnings
@@ -134,18 +135,23 @@ def _support_map(
     if bounds is None:
         return None
     lower, upper = [-math.inf] * dim, [math.inf] * dim
+    seen: dict[int, Any] = {}
     items = bounds.items() if isinstance(bounds, Mapping) else enumerate(bounds)
     if not isinstance(bounds, Mapping) and len(bounds) != dim:
         raise ValueError(
             f"bounds must have one (low, high) pair per column ({dim}), got {len(bounds)}"
         )
     for key, pair in items:
+        name = key
         if isinstance(key, str):
             if columns is None or key not in columns:
                 raise ValueError(f"bounds name column {key!r}, which is not among {columns}")
             key = list(columns).index(key)
-        if not (isinstance(key, int) and 0 <= key < dim):
+        if not (_is_int(key) and 0 <= key < dim):
             raise ValueError(f"bounds column {key!r} is out of range for {dim} columns")
+        if key in seen:
+            raise ValueError(f"bounds name column {key} twice (as {seen[key]!r} and {name!r})")
+        seen[key] = name
         low, high = pair
         lower[key] = -math.inf if low is None else float(low)
         upper[key] = math.inf if high is None else float(high)
@@ -166,9 +172,10 @@ def _check_support(support: SupportMap | None, x: Tensor | None, name: str) -> N
 
 
 def _fit_transforms(train: Tensor, support: SupportMap | None) -> list[nn.Module]:
-    """`Standardize` (then ``support``) fitted to ``train``, in base-to-data order."""
+    """`Standardize` (then ``support``) fitted to ``train`` in float64, base-to-data order."""
+    train = train.to(torch.float64)
     if support is not None:
-        train = support.inv_and_ladj(train.to(support.lower.dtype))[0]
+        train = support.inv_and_ladj(train)[0]
     return [Standardize.from_data(train)] + ([support] if support is not None else [])
 
 
@@ -288,7 +295,17 @@ def fit(
     start = time.perf_counter()
     if not isinstance(flow, Flow):
         raise TypeError(f"fit expects a pyroflows.Flow, got {type(flow).__name__}")
-    _check_settings(epochs, batch_size, lr, validation, schedule, patience)
+    _check_settings(
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        clip_grad_norm=clip_grad_norm,
+        validation=validation,
+        schedule=schedule,
+        patience=patience,
+        seed=seed,
+    )
     if isinstance(compile, str) and compile not in torch.compiler.list_backends(exclude_tags=()):
         raise ValueError(
             f"compile={compile!r} is not a torch.compile backend; use True or one of "
@@ -334,9 +351,14 @@ def fit(
         flow, standardize, x_train, c_train, supports, device, dtype
     )
 
-    x_train, c_train, x_val, c_val = (
-        _place(t, device, dtype) for t in (x_train, c_train, x_val, c_val)
-    )
+    # Rows go through the flow's float64 data maps when it has them (so the learned layers
+    # see the float64-standardised values); otherwise they are cast to the flow's dtype.
+    x_dtype = torch.float64 if len(flow.data_transforms) else dtype
+    c_dtype = torch.float64 if len(flow.context_transforms) else dtype
+    _check_range(flow.data_transforms, (x_train, x_val), dtype, "data")
+    _check_range(flow.context_transforms, (c_train, c_val), dtype, "context")
+    x_train, x_val = (_place(t, device, x_dtype) for t in (x_train, x_val))
+    c_train, c_val = (_place(t, device, c_dtype) for t in (c_train, c_val))
     loss_module: nn.Module = _NegativeLogLikelihood(flow)
     if world > 1:
         loss_module = nn.parallel.DistributedDataParallel(
@@ -454,19 +476,77 @@ def fit(
     return history
 
 
-def _check_settings(epochs, batch_size, lr, validation, schedule, patience) -> None:
-    if not isinstance(epochs, int) or epochs < 1:
+def _is_int(value: Any) -> bool:
+    """A true integer (Python or NumPy), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
+
+
+def _is_real(value: Any) -> bool:
+    """A finite real number (Python, NumPy or a 0-d tensor's item), not a bool."""
+    return (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool | np.bool_)
+        and math.isfinite(value)
+    )
+
+
+def _check_settings(
+    *,
+    epochs: Any,
+    batch_size: Any,
+    lr: Any,
+    weight_decay: Any,
+    clip_grad_norm: Any,
+    validation: Any,
+    schedule: Any,
+    patience: Any,
+    seed: Any,
+) -> None:
+    """One `ValueError` line for the first invalid setting of `fit`."""
+    if not _is_int(epochs) or epochs < 1:
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if not _is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be positive, got {lr!r}")
-    if not 0 <= validation < 1:
+    if not _is_real(lr) or lr <= 0:
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    if not _is_real(weight_decay) or weight_decay < 0:
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+    if clip_grad_norm is not None and (not _is_real(clip_grad_norm) or clip_grad_norm <= 0):
+        raise ValueError(
+            f"clip_grad_norm must be None or a finite number > 0, got {clip_grad_norm!r}"
+        )
+    if not _is_real(validation) or not 0 <= validation < 1:
         raise ValueError(f"validation must be a fraction in [0, 1), got {validation!r}")
     if schedule not in ("cosine", "plateau", "constant"):
         raise ValueError(f"schedule must be 'cosine', 'plateau' or 'constant', got {schedule!r}")
-    if patience is not None and (not isinstance(patience, int) or patience < 1):
+    if patience is not None and (not _is_int(patience) or patience < 1):
         raise ValueError(f"patience must be a positive integer or None, got {patience!r}")
+    if not _is_int(seed):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+
+
+def _check_range(
+    transforms: Sequence[nn.Module], parts: Sequence[Tensor | None], dtype: torch.dtype, name: str
+) -> None:
+    """A `ValueError` naming the first column whose values (after the flow's float64 data
+    maps, if any) do not fit the flow's dtype, e.g. 1e39 for a float32 flow."""
+    limit = torch.finfo(dtype).max
+    maps = [copy.deepcopy(t).cpu() for t in transforms]  # the rows are still on the host
+    for x in parts:
+        if x is None or not len(x):
+            continue
+        u = x.to(torch.float64)
+        with torch.no_grad():
+            for t in reversed(maps):
+                u = t.inv_and_ladj(u)[0]
+        big = (u.abs() > limit).any(0).nonzero().flatten()
+        if len(big):
+            column = int(big[0])
+            raise ValueError(
+                f"{name} column {column} has values up to {float(x[:, column].abs().max()):.3g}, "
+                f"beyond the range of the flow's {dtype} (max {limit:.3g}) even after its "
+                "data maps; rescale the column, use standardize=True or a float64 flow"
+            )
 
 
 def _prepare(flow: Flow, data: Any, context: Any, name: str, context_name: str):
@@ -519,13 +599,10 @@ def _standardize(flow, standardize, x_train, c_train, supports, device, dtype) -
         return "off"
     if len(flow.data_transforms) or len(flow.context_transforms):
         return "kept"
-    flow.data_transforms.extend(
-        m.to(device=device, dtype=dtype) for m in _fit_transforms(x_train, supports[0])
-    )
+    # The maps keep float64 statistics whatever the flow's dtype (only the device moves).
+    flow.data_transforms.extend(m.to(device) for m in _fit_transforms(x_train, supports[0]))
     if c_train is not None:
-        flow.context_transforms.extend(
-            m.to(device=device, dtype=dtype) for m in _fit_transforms(c_train, supports[1])
-        )
+        flow.context_transforms.extend(m.to(device) for m in _fit_transforms(c_train, supports[1]))
     return "fitted"
 
 

@@ -291,7 +291,7 @@ def _draw(
     chunk_size: int = 1000,
     predictive: bool = True,
 ) -> _Draws:
-    if not (isinstance(num_samples, int) and num_samples > 0):
+    if not (_is_count(num_samples) and num_samples > 0):
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
     if not (isinstance(chunk_size, int) and chunk_size > 0):
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
@@ -668,6 +668,11 @@ class Diagnosis:
         )
 
 
+def _is_count(value: Any) -> bool:
+    """An integer (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def diagnose(
     model: Callable,
     guide: Callable,
@@ -734,6 +739,11 @@ def diagnose(
         >>> result.trustworthy
         False
     """
+    if not (_is_count(num_samples) and num_samples >= 2):
+        raise ValueError(
+            f"diagnose needs num_samples >= 2 draws (a few thousand for a reliable k-hat), "
+            f"got {num_samples!r}"
+        )
     az = _import_arviz()
     generator = None
     if seed is not None:

@@ -61,8 +61,10 @@ def test_no_finite_mode_keeps_the_start_and_gives_flat_directions_unit_scale():
     # grows without bound as v -> -inf at x = 0
     def funnel(u):
         v, x = u[0], u[1:]
-        return 0.5 * (x**2).sum() * torch.exp(-2 * v) + (len(x) - 1) * v + torch.log1p(
-            torch.exp(2 * v) / 25
+        return (
+            0.5 * (x**2).sum() * torch.exp(-2 * v)
+            + (len(x) - 1) * v
+            + torch.log1p(torch.exp(2 * v) / 25)
         )
 
     start = torch.tensor([1.0, 0.3, -0.2], dtype=F64)
@@ -197,8 +199,9 @@ def test_init_to_median_or_zero_handles_flat_sites():
         pyro.sample("s", dist.ImproperUniform(constraints.positive, (), ()))
         pyro.sample("m", dist.Normal(5.0, 0.001))
 
-    trace = pyro.poutine.trace(pyro.infer.autoguide.initialization.InitMessenger(
-        init_to_median_or_zero)(model)).get_trace()
+    trace = pyro.poutine.trace(
+        pyro.infer.autoguide.initialization.InitMessenger(init_to_median_or_zero)(model)
+    ).get_trace()
     assert trace.nodes["a"]["value"].tolist() == [0.0, 0.0, 0.0]
     assert float(trace.nodes["s"]["value"]) == 1.0
     assert float(trace.nodes["m"]["value"]) == pytest.approx(5.0, abs=0.01)
@@ -243,8 +246,11 @@ def _conjugate_normal():
     def model(data):
         mu = pyro.sample("mu", dist.Normal(torch.zeros(2), 2.0).to_event(1))
         with pyro.plate("n", len(data)):
-            pyro.sample("x", dist.Normal(mu[..., :1] + 0.5 * mu[..., 1:], 1.0).to_event(1),
-                        obs=data[:, None])
+            pyro.sample(
+                "x",
+                dist.Normal(mu[..., :1] + 0.5 * mu[..., 1:], 1.0).to_event(1),
+                obs=data[:, None],
+            )
 
     return model, data
 

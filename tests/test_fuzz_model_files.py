@@ -4,11 +4,11 @@ The files are generated from valid ones: every field of the configuration mutate
 digest recomputed, as a forger would, and without, as damage would leave it), weights
 dropped, reshaped, retyped, set to NaN or infinity, structural buffers (masks, permutations)
 and fixed maps (scales, bounds) falsified, the payload's entries removed or retyped, and the
-raw bytes truncated or flipped. For each file, `load` must either succeed with a usable flow
-(finite log-densities) or raise `ModelFileError`, and `describe` must refuse whatever `load`
-refuses except weights that do not fit the layers (which only building can tell); nothing else (another
-exception type is a traceback for the user, NaN scores a silent wrong result). A file damaged
-without a new digest must never load.
+raw bytes truncated or flipped. For each file `load` must either return a usable flow (no
+NaN log-densities) or raise `ModelFileError`, and `describe` must refuse whatever `load`
+refuses except weights that do not fit the layers (only building can tell). Anything else
+is a failure: another exception type is a traceback for the user, NaN scores are a silent
+wrong result, and a file damaged without a new digest must never load.
 
 Set ``PYROFLOWS_FUZZ_REPORT=path.json`` to write the counts.
 """

@@ -65,6 +65,8 @@ class AmortizedFlow(nn.Module):
         activation: Callable[[], nn.Module] = nn.ReLU,
     ):
         super().__init__()
+        #: Width of the observations the default encoder takes (``None``: a custom encoder).
+        self.input_dim = input_dim if encoder is None else None
         if encoder is None:
             if input_dim is None:
                 raise ValueError("give an encoder, or input_dim for the default MLP encoder")
@@ -110,6 +112,12 @@ class AmortizedFlow(nn.Module):
 
     def forward(self, x: Tensor) -> FlowDistribution:
         """``q(z | x)`` for a batch of observations."""
+        if self.input_dim is not None and (x.dim() == 0 or x.shape[-1] != self.input_dim):
+            given = "a scalar" if x.dim() == 0 else f"width {x.shape[-1]}"
+            raise ValueError(
+                f"AmortizedFlow expects observations of width input_dim={self.input_dim} "
+                f"(shape (..., {self.input_dim})), got {given} (shape {tuple(x.shape)})"
+            )
         context = self.encoder(x)
         if context.shape[-1] != self.context_dim:
             raise ValueError(

@@ -47,6 +47,7 @@ def init_to_median_or_zero(site: dict | None = None) -> Tensor | Callable:
         value._pyro_custom_init = False
         return value
 
+
 class AutoFlow(AutoContinuous):
     """Flow guide over every continuous latent site of ``model``, for SVI.
 
@@ -148,8 +149,7 @@ class AutoFlow(AutoContinuous):
             raise ValueError(f"init_scale must be positive, got {init_scale!r}")
         if precondition not in ("auto", "full", "diagonal", "off"):
             raise ValueError(
-                "precondition must be 'auto', 'full', 'diagonal' or 'off', "
-                f"got {precondition!r}"
+                f"precondition must be 'auto', 'full', 'diagonal' or 'off', got {precondition!r}"
             )
         if not (isinstance(mode_iterations, int) and mode_iterations >= 0):
             raise ValueError(
@@ -203,7 +203,8 @@ class AutoFlow(AutoContinuous):
             raise
         start = self._init_loc().detach()
         self._refuse_dependent_supports(start, args, kwargs)
-        centre, scale, self.preconditioning = self._preconditioner(start, args, kwargs)
+        with torch.enable_grad():  # the mode search differentiates, even when called lazily
+            centre, scale, self.preconditioning = self._preconditioner(start, args, kwargs)
         init_scale = self._init_scale
         if init_scale is None:  # trust the curvature's scale only at a mode
             init_scale = 1.0 if self.preconditioning.centre == "mode" else 0.1
@@ -258,11 +259,14 @@ class AutoFlow(AutoContinuous):
         values, _ = self._constrained(leaf)
         trace = self._model_trace(values, args, kwargs)
         for name in values:
-            bounds = [t for t in _constraint_tensors(trace.nodes[name]["fn"].support)
-                      if t.requires_grad]
-            if bounds and torch.autograd.grad(
-                sum(t.sum() for t in bounds), leaf, allow_unused=True
-            )[0] is not None:
+            bounds = [
+                t for t in _constraint_tensors(trace.nodes[name]["fn"].support) if t.requires_grad
+            ]
+            if (
+                bounds
+                and torch.autograd.grad(sum(t.sum() for t in bounds), leaf, allow_unused=True)[0]
+                is not None
+            ):
                 raise ValueError(
                     f"the support of latent site {name!r} depends on other latent sites; "
                     "AutoFlow (like Pyro's autoguides) needs fixed supports: reparameterise "
@@ -378,10 +382,13 @@ class AutoFlow(AutoContinuous):
         Uses ``num_quantile_samples`` draws (Monte Carlo error ~ 1/sqrt of that); quantiles
         are taken on the constrained scale, site by site and element by element.
         """
+        q = torch.as_tensor(quantiles, dtype=torch.float64)
+        if q.dim() > 1 or not bool(((q >= 0) & (q <= 1)).all()):
+            raise ValueError(f"quantiles must be a list of numbers in [0, 1], got {quantiles!r}")
         if self.flow is None:
             self.setup(*args, **kwargs)
         samples = self._constrained_samples(self.num_quantile_samples)
-        q = torch.as_tensor(quantiles, dtype=next(iter(samples.values())).dtype)
+        q = q.to(next(iter(samples.values())).dtype)
         return {name: v.quantile(q.to(v.device), dim=0) for name, v in samples.items()}
 
     @torch.no_grad()

@@ -157,8 +157,12 @@ def _lbfgs(fn: Callable[[Tensor], Tensor], start: Tensor, max_iter: int) -> _Sea
         return _Search(start, False, 0, "the log density is not finite at the start point")
     u = start.detach().clone().requires_grad_(True)
     optimizer = torch.optim.LBFGS(
-        [u], max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
-        tolerance_grad=1e-7, tolerance_change=1e-12,
+        [u],
+        max_iter=max_iter,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-7,
+        tolerance_change=1e-12,
     )
 
     def closure() -> Tensor:
@@ -238,8 +242,11 @@ class _Laplace:
         """Mahalanobis distance of ``point`` from the mode."""
         r = (point - self.mode).to(torch.float64)
         s = self.scale.to(torch.float64)
-        w = r / s if s.dim() == 1 else torch.linalg.solve_triangular(
-            s, r[:, None], upper=False)[:, 0]
+        w = (
+            r / s
+            if s.dim() == 1
+            else torch.linalg.solve_triangular(s, r[:, None], upper=False)[:, 0]
+        )
         return float(w.norm())
 
 

@@ -4,11 +4,19 @@
 with the flow, are saved in its ``state_dict``, and no optimiser changes them. They sit at
 the data end of a flow (``Flow.data_transforms``) so ``log_prob`` is on the user's scale,
 log-determinant included. Both directions are cheap.
+
+Precision: the buffers are float64 whatever ``.to(dtype)`` / ``.float()`` is applied to the
+flow (device moves still apply), and both maps compute in float64 and return their results
+in the dtype of their input. A float32 flow can therefore score float64 data exactly on the
+user's scale (`FlowDistribution.log_prob` runs these maps on the float64 values and only
+then casts to the flow's dtype): a column such as ``1.7e9 + 100 * noise`` keeps its spread,
+which float32 would round to multiples of 128.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -20,8 +28,21 @@ from .base import FlowModule, FlowTransform, check_event
 __all__ = ["Standardize", "SupportMap"]
 
 
+_F64 = torch.float64
+
+
 class _Fixed(FlowModule):
+    """A parameter-free map whose floating buffers stay float64 (see the module docstring)."""
+
     def condition(self, context: Tensor | None = None) -> FlowTransform:
+        return self
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (torch's signature)
+        # ``.to(device)`` moves the buffers; a dtype change must not round the statistics.
+        for key, buf in self._buffers.items():
+            if buf is not None:
+                moved = fn(buf)
+                self._buffers[key] = buf.to(moved.device) if buf.is_floating_point() else moved
         return self
 
 
@@ -43,8 +64,8 @@ class Standardize(_Fixed):
 
     def __init__(self, loc: Tensor | Sequence[float], scale: Tensor | Sequence[float]):
         super().__init__()
-        loc = torch.as_tensor(loc, dtype=torch.get_default_dtype()).flatten()
-        scale = torch.as_tensor(scale, dtype=loc.dtype).flatten()
+        loc = torch.as_tensor(loc, dtype=_F64).flatten()
+        scale = torch.as_tensor(scale, dtype=_F64).flatten()
         if loc.shape != scale.shape or loc.numel() == 0:
             raise ValueError(
                 f"loc and scale need the same shape (D,), got {loc.shape}, {scale.shape}"
@@ -61,34 +82,51 @@ class Standardize(_Fixed):
         return cls(torch.zeros(input_dim), torch.ones(input_dim))
 
     @classmethod
-    def from_data(cls, data: Tensor, eps: float = 1e-8) -> Standardize:
-        """Mean and standard deviation of ``data`` (shape ``(N, D)``).
+    def from_data(cls, data: Tensor, eps: float = 1e-12) -> Standardize:
+        """Mean and standard deviation of ``data`` (shape ``(N, D)``), computed in float64.
 
-        A column whose standard deviation is below ``eps`` times its magnitude (constant up
-        to rounding) keeps scale 1 instead of blowing up.
+        A column is treated as constant, and keeps scale 1 instead of blowing up, only when
+        its standard deviation is 0 or below ``eps`` times its mean's magnitude (constant up
+        to float64 rounding); a `UserWarning` names such columns. Any other spread, however
+        small in absolute terms (say 5e-9 around 0), is standardised.
         """
         if data.dim() != 2 or data.shape[0] < 1:
             raise ValueError(f"expected data of shape (N, D) with N >= 1, got {tuple(data.shape)}")
-        data = data.double()
-        loc = data.mean(0)
-        std = data.std(0, unbiased=False)
-        degenerate = std <= eps * loc.abs().clamp_min(1.0)
-        scale = torch.where(degenerate, torch.ones_like(std), std)
-        return cls(loc.float(), scale.float())
+        data = data.to(_F64)
+        # Moments of data / max|column| then rescaled: no overflow for values near 1e308.
+        size = data.abs().amax(0).clamp_min(torch.finfo(_F64).tiny)
+        unit = data / size
+        loc, std = unit.mean(0) * size, unit.std(0, unbiased=False) * size
+        bad = (~torch.isfinite(loc) | ~torch.isfinite(std)).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"column(s) {bad} hold NaN or Inf, or too large to standardise")
+        degenerate = (std == 0) | (std <= eps * loc.abs())
+        if bool(degenerate.any()):
+            warnings.warn(
+                f"column(s) {degenerate.nonzero().flatten().tolist()} are constant (standard "
+                "deviation 0 or below 1e-12 of the mean): centred, not scaled",
+                UserWarning,
+                stacklevel=2,
+            )
+        return cls(loc, torch.where(degenerate, torch.ones_like(std), std))
 
     def extra_repr(self) -> str:
         return f"input_dim={self.input_dim}"
 
+    def _log_scale(self, like: Tensor) -> Tensor:
+        return self.scale.log().sum().to(like.dtype).expand(like.shape[:-1])
+
     def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
         check_event(x, self.input_dim)
-        return self.loc + self.scale * x, self.scale.log().sum().expand(x.shape[:-1])
+        y = torch.addcmul(self.loc, self.scale, x.to(_F64))
+        return y.to(x.dtype), self._log_scale(x)
 
     def inv_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
         check_event(y, self.input_dim)
-        return (y - self.loc) / self.scale, -self.scale.log().sum().expand(y.shape[:-1])
+        return ((y.to(_F64) - self.loc) / self.scale).to(y.dtype), -self._log_scale(y)
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
-        return self.scale.log().sum().expand(x.shape[:-1])
+        return self._log_scale(x)
 
 
 class SupportMap(_Fixed):
@@ -117,8 +155,8 @@ class SupportMap(_Fixed):
 
     def __init__(self, lower: Tensor | Sequence[float], upper: Tensor | Sequence[float]):
         super().__init__()
-        lower = torch.as_tensor(lower, dtype=torch.get_default_dtype()).flatten()
-        upper = torch.as_tensor(upper, dtype=lower.dtype).flatten()
+        lower = torch.as_tensor(lower, dtype=_F64).flatten()
+        upper = torch.as_tensor(upper, dtype=_F64).flatten()
         if lower.shape != upper.shape or lower.numel() == 0:
             raise ValueError(
                 f"lower and upper need the same shape (D,), got {lower.shape}, {upper.shape}"
@@ -155,6 +193,15 @@ class SupportMap(_Fixed):
 
     def call_and_ladj(self, u: Tensor) -> tuple[Tensor, Tensor]:
         check_event(u, self.input_dim)
+        x, ladj = self._forward(u.to(_F64))
+        return x.to(u.dtype), ladj.to(u.dtype)
+
+    def inv_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        check_event(x, self.input_dim)
+        u, ladj = self._inverse(x.to(_F64))
+        return u.to(x.dtype), ladj.to(x.dtype)
+
+    def _forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
         lower_only, upper_only, both = self._kinds()
         lo, hi = self._finite_bounds()
         width = torch.where(both, hi - lo, torch.ones_like(hi))
@@ -165,8 +212,7 @@ class SupportMap(_Fixed):
         ladj = torch.where(both, width.log() + F.logsigmoid(u) + F.logsigmoid(-u), ladj)
         return x, ladj.sum(-1)
 
-    def inv_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        check_event(x, self.input_dim)
+    def _inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
         lower_only, upper_only, both = self._kinds()
         lo, hi = self._finite_bounds()
         width = torch.where(both, hi - lo, torch.ones_like(hi))
