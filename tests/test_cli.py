@@ -821,3 +821,31 @@ def test_demo_refuses_a_file_as_folder(capsys, work):
     (work / "a_file").write_text("keep")
     assert_one_line_error(call(capsys, work, "demo --out a_file"), "a_file", code=1)
     assert (work / "a_file").read_text() == "keep"
+
+
+def test_large_offset_column_is_scored_and_sampled_in_float64(tmp_path):
+    """A column 1.7e9 +- 100 keeps its spread: float32 would round it to multiples of 128."""
+    from pyroflows import load
+    from pyroflows.cli import main
+
+    rng = np.random.default_rng(0)
+    a, b = 1.7e9 + 100 * rng.normal(size=400), rng.normal(size=400)
+    data = tmp_path / "big.csv"
+    data.write_text(
+        "a,b\n" + "\n".join(f"{u:.3f},{v:.6f}" for u, v in zip(a, b, strict=True)) + "\n"
+    )
+    model, scores, samples = tmp_path / "m.pt", tmp_path / "s.csv", tmp_path / "x.csv"
+    # A negligible learning rate keeps the flow at its start: the standard normal, scaled
+    # by the Standardize map that `fit` stores (in float64).
+    argv = ["fit", str(data), "--out", str(model), "--epochs", "1", "--lr", "1e-12", "-q"]
+    assert main(argv) == 0
+    assert main(["logprob", str(model), str(data), "--out", str(scores)]) == 0
+    assert main(["sample", str(model), "-n", "2000", "--seed", "0", "--out", str(samples)]) == 0
+    got = pd.read_csv(scores)["log_prob"].to_numpy()
+    standardize = load(model).data_transforms[0]
+    loc, scale = standardize.loc.numpy(), standardize.scale.numpy()
+    z = (np.stack([a, b], axis=1) - loc) / scale
+    truth = -0.5 * (z**2).sum(1) - math.log(2 * math.pi) - np.log(scale).sum()
+    assert np.abs(got - truth).max() < 1e-3  # float32 rounding of 1.7e9 would cost ~0.5 nats
+    drawn = pd.read_csv(samples)["a"].to_numpy()
+    assert 80 < drawn.std() < 120 and len(np.unique(np.round(drawn) % 128)) > 100

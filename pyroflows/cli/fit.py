@@ -14,7 +14,7 @@ from .. import __version__, flows
 from ..distribution import Flow
 from ..io import save
 from ..training import FitHistory, fit
-from .models import log_prob, model_dtype
+from .models import input_dtype, log_prob
 from .paths import check_distinct, check_inputs, check_output
 from .tables import Dialect, check_columns, finite_rows, numeric, read_table, table_name
 from .text import CLIError, names_text, say
@@ -225,9 +225,8 @@ def _result(flow: Flow, history: FitHistory, inputs: Inputs) -> tuple[float | No
         heldout = -history.best_val_loss
         rows = f"mean over {history.num_val} validation rows"
         return heldout, f"held-out log-likelihood: {heldout:.4f} nats per row ({rows})"
-    dtype = model_dtype(flow)
-    x = torch.from_numpy(inputs.x).to(dtype)
-    c = None if inputs.c is None else torch.from_numpy(inputs.c).to(dtype)
+    x = torch.from_numpy(inputs.x).to(input_dtype(flow))
+    c = None if inputs.c is None else torch.from_numpy(inputs.c).to(input_dtype(flow, True))
     train = float(torch.cat(list(log_prob(flow, x, c))).mean())
     return None, (
         f"training log-likelihood: {train:.4f} nats per row (no held-out rows with --validation 0)"

@@ -7,7 +7,7 @@ import argparse
 import numpy as np
 import torch
 
-from .models import load_model, log_prob, model_columns, model_dtype
+from .models import input_dtype, load_model, log_prob, model_columns
 from .paths import STDIO, check_distinct, check_inputs, check_output
 from .tables import (
     Dialect,
@@ -69,9 +69,8 @@ def run(args: argparse.Namespace) -> int:
     if args.context is not None and not flow.context_dim:
         raise CLIError(f"{name} is unconditional; leave out --context")
     x, c, keep = _rows(args, columns, context_columns)
-    dtype = model_dtype(flow)
-    x_t = torch.from_numpy(x).to(dtype)
-    c_t = None if c is None else torch.from_numpy(c).to(dtype)
+    x_t = torch.from_numpy(x).to(input_dtype(flow))
+    c_t = None if c is None else torch.from_numpy(c).to(input_dtype(flow, True))
     values = torch.cat(list(log_prob(flow, x_t, c_t))).double().numpy()
     table = pd.DataFrame({"row": np.flatnonzero(keep), "log_prob": values})
     with open_output(args.out) as handle:

@@ -90,9 +90,12 @@ def _names(value: Any, count: int, prefix: str, key: str, name: str) -> list[str
     return list(value)
 
 
-def model_dtype(flow: Flow) -> torch.dtype:
-    """The floating-point type of the flow's parameters."""
-    return next(iter(flow.parameters())).dtype
+def input_dtype(flow: Flow, context: bool = False) -> torch.dtype:
+    """The dtype to give the flow the table's values in: float64 where the flow has fixed
+    data (or context) maps, which then standardise without rounding (a column such as
+    ``1.7e9 +- 100`` would lose its spread in float32); else the flow's own dtype."""
+    maps = flow.context_transforms if context else flow.data_transforms
+    return torch.float64 if len(maps) else next(iter(flow.parameters())).dtype
 
 
 @torch.no_grad()

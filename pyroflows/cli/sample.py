@@ -11,9 +11,11 @@ import numpy as np
 import torch
 
 from ..distribution import Flow
-from .models import CHUNK_ROWS, load_model, model_columns, model_dtype
+from .models import CHUNK_ROWS, input_dtype, load_model, model_columns
 from .paths import STDIO, check_inputs, check_output
 from .tables import (
+    EXACT_FORMAT,
+    FLOAT_FORMAT,
     Dialect,
     check_columns,
     finite_rows,
@@ -48,7 +50,7 @@ def _context(
     check_columns(table, context_columns, ", a context column of the model")
     c = numeric(table, context_columns)
     finite_rows([c], table_name(table), None)
-    return torch.from_numpy(c).to(model_dtype(flow))
+    return torch.from_numpy(c).to(input_dtype(flow, True))
 
 
 @torch.no_grad()
@@ -58,10 +60,11 @@ def sample_chunks(flow: Flow, n: int, context: torch.Tensor | None) -> Iterator[
     Yields (context row of each sample or ``None``, samples), in the order of the output:
     all samples of context row 0, then of row 1, ...
     """
+    dtype = input_dtype(flow)  # float64 through the data maps: no rounding of their output
     if context is None:
         d = flow.condition(None)
         for start in range(0, n, CHUNK_ROWS):
-            yield None, d.sample((min(CHUNK_ROWS, n - start),))
+            yield None, d.sample((min(CHUNK_ROWS, n - start),), dtype=dtype)
         return
     block = max(1, CHUNK_ROWS // n)  # context rows per chunk
     per_draw = min(n, CHUNK_ROWS)  # samples per context row per draw
@@ -69,7 +72,7 @@ def sample_chunks(flow: Flow, n: int, context: torch.Tensor | None) -> Iterator[
         d = flow.condition(context[first : first + block])
         for start in range(0, n, per_draw):
             m = min(per_draw, n - start)
-            x = d.sample((m,)).transpose(0, 1)  # (rows of the block, m, D)
+            x = d.sample((m,), dtype=dtype).transpose(0, 1)  # (rows of the block, m, D)
             rows = np.repeat(np.arange(first, first + x.shape[0]), m)
             yield rows, x.reshape(-1, flow.input_dim)
 
@@ -88,10 +91,11 @@ def _write(handle: TextIO, chunks: Iterator[Chunk], columns: list[str], bar: Any
 
     written = 0
     for rows, x in chunks:
+        exact = x.dtype == torch.float64  # through float64 data maps: write every digit
         frame = pd.DataFrame(x.double().numpy(), columns=columns)
         if rows is not None:
             frame.insert(0, _row_column(columns), rows)
-        write_rows(handle, frame, header=written == 0)
+        write_rows(handle, frame, written == 0, EXACT_FORMAT if exact else FLOAT_FORMAT)
         written += len(frame)
         bar.update(len(frame))
     return written

@@ -23,8 +23,10 @@ from .text import CLIError, names_text, note, printable, rows_text
 if TYPE_CHECKING:
     import pandas as pd
 
-#: Significant digits of the floats written to CSV (float32 models hold about 7).
+#: Format of floats computed in float32 (log-densities, samples of a flow without data maps).
 FLOAT_FORMAT = "%.8g"
+#: Format of values that went through a flow's float64 data maps: shortest exact decimal.
+EXACT_FORMAT = None
 #: Separators that, found inside a single column, mean the table was read with the wrong one.
 _OTHER_SEPARATORS = {";": "';'", "\t": "tab", "|": "'|'", ",": "','"}
 
@@ -203,7 +205,9 @@ def open_output(path: str | None) -> Iterator[TextIO]:
         yield handle
 
 
-def write_rows(handle: TextIO, frame: pd.DataFrame, header: bool) -> None:
+def write_rows(
+    handle: TextIO, frame: pd.DataFrame, header: bool, float_format: str | None = FLOAT_FORMAT
+) -> None:
     """Append ``frame`` to a CSV being written (its header, made printable, when ``header``)."""
     names = [printable(c) for c in frame.columns] if header else False
-    frame.to_csv(handle, index=False, header=names, float_format=FLOAT_FORMAT)
+    frame.to_csv(handle, index=False, header=names, float_format=float_format)
