@@ -493,9 +493,9 @@ def test_sample_streams_in_chunks(capsys, monkeypatch, work, fitted, n, chunk):
     sizes = []
     write_rows = tables.write_rows
 
-    def recording(handle, frame, header):
+    def recording(handle, frame, header, *args):
         sizes.append(len(frame))
-        write_rows(handle, frame, header)
+        write_rows(handle, frame, header, *args)
 
     monkeypatch.setattr(sample, "write_rows", recording)
     result = call(capsys, work, f"sample cond.pt -n {n} --context contexts.csv --seed 0")
