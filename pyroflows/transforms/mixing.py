@@ -19,6 +19,17 @@ from .base import FlowModule, FlowTransform, check_event
 __all__ = ["Permute", "Reverse", "LULinear", "ActNorm", "Precondition"]
 
 
+def _row_scale(*terms: Tensor) -> Tensor:
+    """A power of two per row, at least 1 and within a factor 2 of the row's largest magnitude.
+
+    Dividing by it before a dense solve and multiplying after is exact (powers of two) and
+    keeps inputs near the dtype's largest value from overflowing to ``inf - inf = NaN``
+    inside the solve; the result then overflows to ``inf`` at worst, which scores ``-inf``.
+    """
+    size = torch.stack([t.abs().expand_as(terms[0]) for t in terms]).amax(0).amax(-1, True)
+    return torch.exp2(torch.floor(torch.log2(size.clamp_min(1.0))))
+
+
 class _ContextFree(FlowModule):
     """A layer whose transform does not depend on a context: it is its own transform."""
 
@@ -140,13 +151,13 @@ class LULinear(_ContextFree):
     def inv_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
         check_event(y, self.input_dim)
         lower, upper = self._factors()
-        # Rows r = y - b solve x (P L U)^T = r, i.e. x U^T L^T = r P.
-        rows = (
-            (y - self.bias).index_select(-1, self.inverse_permutation).reshape(-1, self.input_dim)
-        )
+        # Rows r = y - b solve x (P L U)^T = r, i.e. x U^T L^T = r P (rows scaled by c).
+        c = _row_scale(y, self.bias)
+        r = (y / c - self.bias / c).index_select(-1, self.inverse_permutation)
+        rows = r.reshape(-1, self.input_dim)
         t = torch.linalg.solve_triangular(lower.T, rows, upper=True, left=False, unitriangular=True)
         x = torch.linalg.solve_triangular(upper.T, t, upper=False, left=False)
-        return x.reshape(y.shape), -self._ladj(y)
+        return x.reshape(y.shape) * c, -self._ladj(y)
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         return self._ladj(x)
@@ -276,14 +287,15 @@ class Precondition(_ContextFree):
 
     def inv_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
         check_event(y, self.input_dim)
-        r = y - self.loc
+        c = _row_scale(y, self.loc, self.shift)  # rows scaled by c: no inf - inf in the solve
+        r = y / c - self.loc / c
         if self.scale.dim() == 1:
             w = r / self.scale
         else:
             rows = r.reshape(-1, self.input_dim)
             w = torch.linalg.solve_triangular(self.scale.T, rows, upper=True, left=False)
             w = w.reshape(y.shape)
-        return (w - self.shift) * torch.exp(-self.log_scale), -self._ladj(y)
+        return (w - self.shift / c) * torch.exp(-self.log_scale) * c, -self._ladj(y)
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         return self._ladj(x)
