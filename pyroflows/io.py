@@ -107,7 +107,7 @@ LAYER_TYPES: dict[str, type[FlowModule]] = {
         Inverse,
     )
 }
-_FIXED = {"Standardize": Standardize.identity, "SupportMap": SupportMap.unbounded}
+_FIXED = {"Standardize": Standardize, "SupportMap": SupportMap}
 _BUILDERS = {name: getattr(_flows, name) for name in _flows.__all__}
 
 
@@ -172,8 +172,6 @@ def _layer_config(module: FlowModule) -> dict[str, Any]:
     name = type(module).__name__
     if LAYER_TYPES.get(name) is not type(module):
         raise TypeError(f"cannot save a {name} layer: only pyroflows' own layer types")
-    if name in _FIXED:
-        return {"type": name, "input_dim": module.input_dim}
     return {"type": name, **module.get_config()}
 
 
@@ -507,8 +505,6 @@ def _v1_size(builder: Callable[..., Flow], kwargs: dict[str, Any]) -> int:
 def _build_v2(config: dict[str, Any]) -> Flow:
     def build(cfg: dict[str, Any]) -> FlowModule:
         args = {k: v for k, v in cfg.items() if k != "type"}
-        if cfg["type"] in _FIXED:
-            return _FIXED[cfg["type"]](args["input_dim"])
         if cfg["type"] == "Inverse":
             return Inverse(build(args["layer"]))
         return LAYER_TYPES[cfg["type"]].from_config(args)
@@ -672,7 +668,8 @@ def _flow_v1(path: Any, config: Any, state: dict, max_parameters: int) -> Flow:
         for item in items:
             if not isinstance(item, dict) or item.get("type") not in _FIXED:
                 raise ValueError(f"{key} may hold only Standardize and SupportMap")
-            target.append(_FIXED[item["type"]](_int(item.get("input_dim"), "input_dim", dim, dim)))
+            size = _int(item.get("input_dim"), "input_dim", dim, dim)
+            target.append(_FIXED[item["type"]].placeholder(size))
     _unbound_splines(flow)
     return _load_weights(flow, state, dtype)
 

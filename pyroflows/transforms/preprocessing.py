@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,19 @@ class _Fixed(FlowModule):
 
     def condition(self, context: Tensor | None = None) -> FlowTransform:
         return self
+
+    def get_config(self) -> dict[str, Any]:
+        """Only the size: the statistics or bounds are buffers in the state dict."""
+        return {"input_dim": self.input_dim}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> _Fixed:
+        return cls.placeholder(config["input_dim"])
+
+    @classmethod
+    def placeholder(cls, input_dim: int) -> _Fixed:
+        """The identity on ``input_dim`` features, to load a saved state into."""
+        raise NotImplementedError
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (torch's signature)
         # ``.to(device)`` moves the buffers; a dtype change must not round the statistics.
@@ -80,6 +94,8 @@ class Standardize(_Fixed):
     def identity(cls, input_dim: int) -> Standardize:
         """A placeholder (``loc = 0``, ``scale = 1``), e.g. to load a saved state into."""
         return cls(torch.zeros(input_dim), torch.ones(input_dim))
+
+    placeholder = identity
 
     @classmethod
     def from_data(cls, data: Tensor, eps: float = 1e-12) -> Standardize:
@@ -177,6 +193,8 @@ class SupportMap(_Fixed):
     def unbounded(cls, input_dim: int) -> SupportMap:
         """The identity on ``input_dim`` features (e.g. to load a saved state into)."""
         return cls(torch.full((input_dim,), -math.inf), torch.full((input_dim,), math.inf))
+
+    placeholder = unbounded
 
     def extra_repr(self) -> str:
         return f"lower={self.lower.tolist()}, upper={self.upper.tolist()}"
