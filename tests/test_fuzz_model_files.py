@@ -32,7 +32,7 @@ from pyroflows import ActNorm, Flow, Inverse, LULinear, Precondition, fit, flows
 from pyroflows import io as io_module
 from pyroflows.io import ModelFileError, describe
 
-ODD_VALUES: list[Any] = [None, "x", True, -1, 0, 10**10, 1.5, float("nan"), [], {}, [1] * 5]
+ODD_VALUES: list[Any] = [None, "x", True, -1, 10**10, 1.5, float("nan"), {}]
 
 
 def _models() -> dict[str, Flow]:
@@ -242,7 +242,7 @@ def test_forged_and_damaged_model_files(tmp_path):
             counts[outcome.split(":")[0]] += 1
             if outcome.startswith(("traceback", "silent")):
                 problems.append(f"{model_name}: cut at byte {cut}: {outcome}")
-        for position in range(0, len(raw), max(1, len(raw) // 40)):
+        for position in range(0, len(raw), max(1, len(raw) // 24)):
             damaged = bytearray(raw)
             damaged[position] ^= 0xFF
             (tmp_path / "m.pt").write_bytes(bytes(damaged))
@@ -257,7 +257,7 @@ def test_forged_and_damaged_model_files(tmp_path):
     assert not problems, f"{len(problems)} of {sum(counts.values())} files:\n" + "\n".join(
         problems[:30]
     )
-    assert counts["refused"] > 500 and counts["loaded"] > 0
+    assert counts["refused"] > 1000 and counts["loaded"] > 0
 
 
 @pytest.mark.parametrize(
