@@ -275,8 +275,10 @@ class _RationalQuadratic(torch.autograd.Function):
         min_bin_width: float,
         min_bin_height: float,
         min_derivative: float,
+        raw_bound: float,
     ) -> tuple[Tensor, Tensor]:
         span = high - low
+        bounded = raw_bound != math.inf
         shape = x.shape
         # Identity tails. Tail points are evaluated at 0 (a safe interior value) and discarded:
         # clamped onto the bound they would sit where the inverse's discriminant cancels.
@@ -292,7 +294,10 @@ class _RationalQuadratic(torch.autograd.Function):
             mask = None
 
         # Unnormalised softmax of widths and heights together: e (2, K, ...), contiguous.
+        # A finite raw_bound first maps each raw value r to raw_bound * tanh(r / raw_bound).
         raw = theta[: 2 * k].unflatten(0, (2, k))
+        tanh_wh = torch.tanh(raw / raw_bound) if bounded else None
+        raw = tanh_wh * raw_bound if bounded else raw
         e = _out(raw.new_empty(raw.shape))
         e = torch.exp(torch.sub(raw, raw.amax(1, keepdim=True), out=e), out=e)
         # Exclusive cumulative sums c[j, s] = sum(e[s, :j]), j = 0..K, of both sides; c[K]
@@ -351,8 +356,13 @@ class _RationalQuadratic(torch.autograd.Function):
             d_index = index
         else:  # circular: raw_d holds knots 0..k-1, knot k is knot 0
             d_index = torch.remainder(index, k)
+        tanh_d = None
         if raw_d.shape[0]:
-            pre = torch.gather(raw_d, 0, d_index).add_(_derivative_shift(min_derivative))
+            pre = torch.gather(raw_d, 0, d_index)
+            if bounded:  # bound the two gathered values only, not every knot's
+                tanh_d = torch.tanh(pre / raw_bound)
+                pre = tanh_d * raw_bound
+            pre = pre.add_(_derivative_shift(min_derivative))
             d = F.softplus(pre).add_(min_derivative)
         else:  # a single bin with fixed ends
             pre = d = torch.ones_like(knots)
@@ -371,10 +381,13 @@ class _RationalQuadratic(torch.autograd.Function):
 
         ctx.config = (k, variant, span, min_bin_width, min_bin_height, inverse)
         ctx.theta_shape, ctx.theta_stride = theta.shape, theta.stride()
+        none = x.new_ones(())  # a placeholder for an absent tensor
         ctx.save_for_backward(
-            x.new_ones(()) if mask is None else mask,
+            none if mask is None else mask,
             e, z, gathered, index, not_last, pre, d_index,
-            x.new_ones(()) if valid is None else valid, *saved,
+            none if valid is None else valid,
+            none if tanh_wh is None else tanh_wh,
+            none if tanh_d is None else tanh_d, *saved,
         )  # fmt: skip
         return out, ladj
 
@@ -382,7 +395,9 @@ class _RationalQuadratic(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, g_out: Tensor, g_ladj: Tensor) -> tuple[Tensor | None, ...]:
         k, variant, span, min_bin_width, min_bin_height, inverse = ctx.config
-        mask, e, z, gathered, index, not_last, pre, d_index, valid, *saved = ctx.saved_tensors
+        mask, e, z, gathered, index, not_last, pre, d_index, valid, tanh_wh, tanh_d, *saved = (
+            ctx.saved_tensors
+        )
         if variant == "identity":
             g_in = g_out * mask
             g_outside = g_out - g_in
@@ -400,7 +415,7 @@ class _RationalQuadratic(torch.autograd.Function):
             else:
                 g_x = g_v
         if not ctx.needs_input_grad[1]:
-            return (g_x,) + (None,) * 9
+            return (g_x,) + (None,) * 10
 
         # Eager: write the gradient straight into a tensor laid out like theta. Compiled: build
         # it out of place (dynamo refuses non-contiguous out= tensors; inductor fuses anyway).
@@ -428,6 +443,8 @@ class _RationalQuadratic(torch.autograd.Function):
             rows[j].add_(rows[j + 1])
         g_raw = g_theta[: 2 * k].unflatten(0, (2, k))
         torch.mul(e, g_c[1:].transpose(0, 1), out=g_raw)
+        if tanh_wh.dim():  # through the bound: d(B tanh(r / B))/dr = 1 - tanh^2
+            g_raw.mul_(1.0 - tanh_wh.square())
 
         # Derivatives: d = min + softplus(pre), scattered back onto the gathered raw values.
         g_d = g_theta[2 * k :]
@@ -435,9 +452,11 @@ class _RationalQuadratic(torch.autograd.Function):
             g_pre = torch.stack([g_d0, g_d1]).mul_(torch.sigmoid(pre))
             if valid.dim():
                 g_pre.mul_(valid)
+            if tanh_d.dim():
+                g_pre.mul_(1.0 - tanh_d.square())
             g_d.zero_()
             g_d.scatter_add_(0, d_index, g_pre)
-        return (g_x, g_theta) + (None,) * 8
+        return (g_x, g_theta) + (None,) * 9
 
 
 def _raw_count(variant: str, k: int) -> int:
@@ -457,6 +476,7 @@ def packed_spline(
     min_bin_width: float = DEFAULT_MIN_BIN_WIDTH,
     min_bin_height: float = DEFAULT_MIN_BIN_HEIGHT,
     min_derivative: float = DEFAULT_MIN_DERIVATIVE,
+    raw_bound: float = math.inf,
 ) -> tuple[Tensor, Tensor]:
     """The spline with parameters first: ``theta`` of shape ``(P, *S)`` for ``x`` of shape ``S``.
 
@@ -480,6 +500,10 @@ def packed_spline(
         min_bin_width: minimum bin width as a fraction of the interval.
         min_bin_height: minimum bin height as a fraction of the interval.
         min_derivative: minimum knot derivative.
+        raw_bound: if finite, each raw value ``r`` is first mapped to
+            ``raw_bound * tanh(r / raw_bound)`` (inside the kernel, at no extra pass): the
+            spline transformers use 2, which keeps the float32 round trip accurate (see the
+            module docstring). The default ``inf`` takes the raw values as they are.
 
     Returns:
         ``(y, log|dy/dx|)`` of shape ``broadcast(S, theta.shape[1:])``.
@@ -518,6 +542,7 @@ def packed_spline(
         float(min_bin_width),
         float(min_bin_height),
         float(min_derivative),
+        float(raw_bound),
     )
 
 

@@ -148,23 +148,8 @@ class Additive(Transformer):
         return out, torch.zeros_like(out)
 
 
-#: Default bound on the raw spline parameters (see `bound_raw_spline_params`).
+#: Default soft bound on the raw spline parameters (see `pyroflows.splines`).
 DEFAULT_RAW_BOUND = 2.0
-
-
-def bound_raw_spline_params(theta: Tensor, count_bins: int, raw_bound: float) -> Tensor:
-    """Softly bound raw spline parameters (parameter dimension first) to ``±raw_bound``.
-
-    Every raw value ``r`` becomes ``raw_bound * tanh(r / raw_bound)``: the identity near 0
-    (zeros stay zeros, so a fresh layer is still the identity), smooth, and never beyond
-    ``raw_bound``. This keeps a trained spline where float32 inverts it accurately; see
-    `pyroflows.splines` for the measured round-trip errors. ``raw_bound=inf`` leaves
-    ``theta`` as it is. (``count_bins`` is unused by this elementwise bound; it is part of
-    the signature so that a bound acting per bin can replace it.)
-    """
-    if math.isinf(raw_bound):
-        return theta
-    return torch.tanh(theta / raw_bound) * raw_bound
 
 
 class _SplineBase(Transformer):
@@ -205,7 +190,7 @@ class _SplineBase(Transformer):
         low, high = self._interval()
         return packed_spline(
             v,
-            bound_raw_spline_params(theta, self.count_bins, self.raw_bound),
+            theta,
             count_bins=self.count_bins,
             variant=self._variant,
             low=low,
@@ -214,6 +199,7 @@ class _SplineBase(Transformer):
             min_bin_width=self.min_bin_width,
             min_bin_height=self.min_bin_height,
             min_derivative=self.min_derivative,
+            raw_bound=self.raw_bound,
         )
 
     def _checked(self, params: Tensor) -> Tensor:
@@ -242,8 +228,9 @@ class RationalQuadraticSpline(_SplineBase):
         min_bin_width: minimum bin width (fraction of the interval).
         min_bin_height: minimum bin height (fraction of the interval).
         min_derivative: minimum knot derivative.
-        raw_bound: soft bound on the raw parameters (`bound_raw_spline_params`); keeps the
-            float32 round trip accurate. ``math.inf`` turns it off.
+        raw_bound: soft bound on the raw parameters: each raw value ``r`` becomes
+            ``raw_bound * tanh(r / raw_bound)``, which keeps the float32 round trip accurate
+            (see `pyroflows.splines`). ``math.inf`` turns it off.
     """
 
     _extra_derivatives = -1
@@ -278,8 +265,9 @@ class BoundedRationalQuadraticSpline(_SplineBase):
         min_bin_width: minimum bin width (fraction of the interval).
         min_bin_height: minimum bin height (fraction of the interval).
         min_derivative: minimum knot derivative.
-        raw_bound: soft bound on the raw parameters (`bound_raw_spline_params`); keeps the
-            float32 round trip accurate. ``math.inf`` turns it off.
+        raw_bound: soft bound on the raw parameters: each raw value ``r`` becomes
+            ``raw_bound * tanh(r / raw_bound)``, which keeps the float32 round trip accurate
+            (see `pyroflows.splines`). ``math.inf`` turns it off.
     """
 
     _extra_derivatives = 1
@@ -316,8 +304,9 @@ class CircularRationalQuadraticSpline(_SplineBase):
         min_bin_width: minimum bin width (fraction of the period).
         min_bin_height: minimum bin height (fraction of the period).
         min_derivative: minimum knot derivative.
-        raw_bound: soft bound on the raw parameters (`bound_raw_spline_params`); keeps the
-            float32 round trip accurate. ``math.inf`` turns it off.
+        raw_bound: soft bound on the raw parameters: each raw value ``r`` becomes
+            ``raw_bound * tanh(r / raw_bound)``, which keeps the float32 round trip accurate
+            (see `pyroflows.splines`). ``math.inf`` turns it off.
     """
 
     _extra_derivatives = 0

@@ -291,9 +291,12 @@ def test_raw_bound_keeps_the_identity_and_is_checked():
     for bad in (0.0, -1.0, math.nan, True):
         with pytest.raises(ValueError, match="raw_bound"):
             RationalQuadraticSpline(8, raw_bound=bad)
-    # the packed kernel itself is unchanged: raw parameters are bounded by the transformer
-    theta = torch.full((23, 4), 10.0)
-    assert torch.isfinite(packed_spline(torch.zeros(4), theta, count_bins=8)[0]).all()
+    # the packed kernel bounds inside (raw_bound=2 is the transformer's 2 * tanh(r / 2))
+    theta = torch.randn(23, 4) * 5
+    x = torch.rand(4) * 8 - 4
+    inside = packed_spline(x, theta, count_bins=8, raw_bound=2.0)
+    outside = packed_spline(x, 2.0 * torch.tanh(theta / 2.0), count_bins=8)
+    torch.testing.assert_close(inside, outside)
 
 
 # --- 4. settings of fit -------------------------------------------------------------------
@@ -392,3 +395,26 @@ def test_autoflow_quantiles_are_checked_and_set_up_lazily():
             guide.quantiles(bad)
     medians = guide.median()  # sets the guide up under no_grad, mode search included
     assert guide.preconditioning.centre == "mode" and medians["mu"].shape == ()
+
+
+@pytest.mark.parametrize("variant, extra", [("identity", -1), ("free", 1), ("circular", 0)])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_kernel_bound_has_the_gradients_of_the_explicit_bound(variant, extra, inverse):
+    """The bound inside the fused kernel is differentiated like ``2 * tanh(theta / 2)``."""
+    gen = torch.Generator().manual_seed(0)
+    theta = (
+        torch.randn(3 * 6 + extra, 50, generator=gen, dtype=torch.float64) * 4
+    ).requires_grad_()
+    x = (torch.rand(50, generator=gen, dtype=torch.float64) * 8 - 4).requires_grad_()
+    weights = torch.randn(2, 50, generator=gen, dtype=torch.float64)
+
+    def loss(bound_inside: bool) -> tuple[torch.Tensor, ...]:
+        t = theta if bound_inside else 2.0 * torch.tanh(theta / 2.0)
+        y, ladj = packed_spline(
+            x, t, count_bins=6, variant=variant, low=-5.0, high=5.0, inverse=inverse,
+            raw_bound=2.0 if bound_inside else math.inf,
+        )  # fmt: skip
+        return torch.autograd.grad((weights[0] * y + weights[1] * ladj).sum(), (x, theta))
+
+    for inside, explicit in zip(loss(True), loss(False), strict=True):
+        torch.testing.assert_close(inside, explicit)
