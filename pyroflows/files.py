@@ -43,6 +43,8 @@ def atomic_write(
     If the ``with`` block raises (or the process dies), ``path`` is left as it was and the
     temporary file is removed (after ``kill -9`` it may remain as ``.NAME.*.tmp``). A new
     file gets the permissions ``open`` would give it; an existing file keeps its permissions.
+    A symbolic link is written through (its target is replaced, the link stays); an existing
+    path that is not a regular file (a device such as ``/dev/null``, a pipe) is refused.
 
     Args:
         path: the file to (re)place.
@@ -56,16 +58,18 @@ def atomic_write(
     """
     if mode not in ("wb", "w"):
         raise ValueError(f"mode must be 'wb' or 'w', got {mode!r}")
-    target = os.fspath(path)
+    target = os.path.realpath(os.fspath(path))  # through links: replace what they point to
     if os.path.isdir(target):
-        raise IsADirectoryError(errno.EISDIR, "Is a directory", target)
+        raise IsADirectoryError(errno.EISDIR, "Is a directory", os.fspath(path))
+    if os.path.exists(target) and not os.path.isfile(target):
+        raise OSError(errno.EINVAL, "Not a regular file (refusing to replace it)", os.fspath(path))
     folder = os.path.dirname(os.path.abspath(target))
     try:
         fd, temporary = tempfile.mkstemp(
             prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=folder
         )
     except OSError as error:
-        raise _write_error(error, target) from None
+        raise _write_error(error, os.fspath(path)) from None
     try:
         text = {"encoding": encoding or "utf-8", "newline": ""} if mode == "w" else {}
         with os.fdopen(fd, mode, **text) as handle:
@@ -78,7 +82,7 @@ def atomic_write(
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         if isinstance(error, OSError) and not isinstance(error, BrokenPipeError):
-            raise _write_error(error, target) from None
+            raise _write_error(error, os.fspath(path)) from None
         raise
     _sync_folder(folder)
 

@@ -75,6 +75,7 @@ __all__ = [
     "LAYER_TYPES",
     "MAX_PARAMETERS",
     "MAX_LAYERS",
+    "builder_size",
 ]
 
 #: Marker stored in every model file.
@@ -481,7 +482,21 @@ def _v1_value(key: str, value: Any) -> Any:
     raise ValueError(f"unexpected argument {key!r}")
 
 
-def _v1_size(builder: Callable[..., Flow], kwargs: dict[str, Any]) -> int:
+def builder_size(builder: Callable[..., Flow], kwargs: dict[str, Any]) -> int:
+    """Upper bound on the values (parameters and buffers) ``builder(**kwargs)`` allocates.
+
+    Computed from the arguments alone, so a caller can refuse a flow before building it
+    (`load` refuses files beyond `MAX_PARAMETERS`; the command line refuses to fit them).
+
+    Example:
+        >>> from pyroflows import flows
+        >>> from pyroflows.io import builder_size
+        >>> flow = flows.maf(4, num_layers=2, hidden_dims=(16,))
+        >>> actual = sum(t.numel() for t in flow.state_dict().values())
+        >>> arguments = {"input_dim": 4, "num_layers": 2, "hidden_dims": (16,)}
+        >>> actual <= builder_size(flows.maf, arguments)
+        True
+    """
     defaults = {
         k: p.default
         for k, p in inspect.signature(builder).parameters.items()
@@ -656,7 +671,7 @@ def _flow_v1(path: Any, config: Any, state: dict, max_parameters: int) -> Flow:
     if dtype is None:
         raise ValueError(f"bad dtype {config.get('dtype')!r}")
     builder, kwargs = _v1_kwargs(config["flow"])
-    _check_size(path, _v1_size(builder, kwargs), _held(state), max_parameters)
+    _check_size(path, builder_size(builder, kwargs), _held(state), max_parameters)
     flow = builder(**kwargs)
     for key, target, dim in (
         ("data_transforms", flow.data_transforms, flow.input_dim),

@@ -850,3 +850,15 @@ def test_large_offset_column_is_scored_and_sampled_in_float64(tmp_path):
     assert np.abs(got - truth).max() < 1e-3  # float32 rounding of 1.7e9 would cost ~0.5 nats
     drawn = pd.read_csv(samples)["a"].to_numpy()
     assert 80 < drawn.std() < 120 and len(np.unique(np.round(drawn) % 128)) > 100
+
+
+def test_fit_refuses_a_flow_its_file_could_not_hold(tmp_path, capsys):
+    from pyroflows.cli import main
+
+    data = tmp_path / "d.csv"
+    data.write_text("a,b\n" + "\n".join(f"{i},{i % 7}" for i in range(50)) + "\n")
+    for option in (["--hidden", "100000"], ["--layers", "5000", "--hidden", "2"]):
+        assert main(["fit", str(data), "--out", str(tmp_path / "m.pt"), *option, "-q"]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "choose smaller --hidden, --layers or --bins" in err
+    assert not (tmp_path / "m.pt").exists()

@@ -247,3 +247,18 @@ def test_size_bound_covers_every_layer_tightly(name):
     actual = sum(t.numel() for t in layer.state_dict().values())
     bound = io_module._layer_size(io_module._layer_config(layer))
     assert actual <= bound <= 3 * actual + 20
+
+
+def test_atomic_write_goes_through_links_and_refuses_devices(tmp_path):
+    from pyroflows.files import atomic_write
+
+    real, link = tmp_path / "real.csv", tmp_path / "link.csv"
+    real.write_text("old\n")
+    link.symlink_to(real)
+    with atomic_write(link, "w") as handle:
+        handle.write("new\n")
+    assert link.is_symlink() and real.read_text() == "new\n"
+    with pytest.raises(OSError, match="regular file"):
+        with atomic_write("/dev/null", "w") as handle:
+            handle.write("x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.csv", "real.csv"]

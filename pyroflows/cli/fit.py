@@ -12,7 +12,7 @@ import torch
 
 from .. import __version__, flows
 from ..distribution import Flow
-from ..io import save
+from ..io import MAX_LAYERS, MAX_PARAMETERS, builder_size, save
 from ..training import FitHistory, fit
 from .models import input_dtype, log_prob
 from .paths import check_distinct, check_inputs, check_output
@@ -137,12 +137,20 @@ def _bounds(args: argparse.Namespace, inputs: Inputs) -> tuple[dict[int, Bound],
 
 
 def _build_flow(args: argparse.Namespace, input_dim: int, context_dim: int) -> Flow:
-    common = {"num_layers": args.layers, "hidden_dims": (args.hidden, args.hidden)}
+    """The flow the options describe; refused before building if its file could not load."""
+    kwargs = {"input_dim": input_dim, "context_dim": context_dim, "num_layers": args.layers}
+    kwargs["hidden_dims"] = (args.hidden, args.hidden)
+    builder = {"nsf": flows.nsf, "maf": flows.maf, "realnvp": flows.realnvp}[args.flow]
     if args.flow == "nsf":
-        bins = 8 if args.bins is None else args.bins
-        return flows.nsf(input_dim, context_dim, coupling=args.coupling, count_bins=bins, **common)
-    builder = flows.maf if args.flow == "maf" else flows.realnvp
-    return builder(input_dim, context_dim, **common)
+        kwargs |= {"coupling": args.coupling, "count_bins": 8 if args.bins is None else args.bins}
+    size = builder_size(builder, kwargs)
+    if args.layers > MAX_LAYERS or size > MAX_PARAMETERS:
+        raise CLIError(
+            f"this flow would hold up to {size:,} values in {args.layers} layers, beyond what a "
+            f"model file may hold ({MAX_PARAMETERS:,} values, {MAX_LAYERS} layers); choose "
+            "smaller --hidden, --layers or --bins"
+        )
+    return builder(**kwargs)
 
 
 def _train(args: argparse.Namespace, flow: Flow, inputs: Inputs, device: str | None) -> FitHistory:
