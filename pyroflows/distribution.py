@@ -240,8 +240,9 @@ class Flow(nn.Module):
         context_transforms: fixed maps from internal to user context (default none).
 
     Attributes:
-        config: how a builder made this flow (JSON-serialisable), used by `pyroflows.save`;
-            ``None`` for a hand-assembled flow.
+        config: the builder call that made this flow (JSON-serialisable), kept in saved
+            files for display (`pyroflows.io.describe`); ``None`` for a hand-assembled flow.
+            Saving does not need it: each layer describes itself.
         metadata: free-form JSON-serialisable information saved with the model (e.g.
             column names).
 
