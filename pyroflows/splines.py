@@ -296,10 +296,16 @@ class _RationalQuadratic(torch.autograd.Function):
         # Unnormalised softmax of widths and heights together: e (2, K, ...), contiguous.
         # A finite raw_bound first maps each raw value r to raw_bound * tanh(r / raw_bound).
         raw = theta[: 2 * k].unflatten(0, (2, k))
-        tanh_wh = torch.tanh(raw / raw_bound) if bounded else None
-        raw = tanh_wh * raw_bound if bounded else raw
         e = _out(raw.new_empty(raw.shape))
-        e = torch.exp(torch.sub(raw, raw.amax(1, keepdim=True), out=e), out=e)
+        tanh_wh = None
+        if bounded and raw_bound <= 30.0:  # exp of values within +-30 needs no max shift
+            tanh_wh = torch.tanh(raw / raw_bound)
+            e = torch.exp(torch.mul(tanh_wh, raw_bound, out=e), out=e)
+        else:
+            if bounded:
+                tanh_wh = torch.tanh(raw / raw_bound)
+                raw = tanh_wh * raw_bound
+            e = torch.exp(torch.sub(raw, raw.amax(1, keepdim=True), out=e), out=e)
         # Exclusive cumulative sums c[j, s] = sum(e[s, :j]), j = 0..K, of both sides; c[K]
         # is the softmax normaliser z. A loop of slab additions: the bins are few and the
         # batch is wide, where cumsum and small matrix products are slow.

@@ -399,8 +399,9 @@ def test_autoflow_quantiles_are_checked_and_set_up_lazily():
 
 @pytest.mark.parametrize("variant, extra", [("identity", -1), ("free", 1), ("circular", 0)])
 @pytest.mark.parametrize("inverse", [False, True])
-def test_kernel_bound_has_the_gradients_of_the_explicit_bound(variant, extra, inverse):
-    """The bound inside the fused kernel is differentiated like ``2 * tanh(theta / 2)``."""
+@pytest.mark.parametrize("bound", [2.0, 50.0])  # without and with the max shift of the softmax
+def test_kernel_bound_has_the_gradients_of_the_explicit_bound(variant, extra, inverse, bound):
+    """The bound inside the fused kernel is differentiated like ``B * tanh(theta / B)``."""
     gen = torch.Generator().manual_seed(0)
     theta = (
         torch.randn(3 * 6 + extra, 50, generator=gen, dtype=torch.float64) * 4
@@ -409,10 +410,10 @@ def test_kernel_bound_has_the_gradients_of_the_explicit_bound(variant, extra, in
     weights = torch.randn(2, 50, generator=gen, dtype=torch.float64)
 
     def loss(bound_inside: bool) -> tuple[torch.Tensor, ...]:
-        t = theta if bound_inside else 2.0 * torch.tanh(theta / 2.0)
+        t = theta if bound_inside else bound * torch.tanh(theta / bound)
         y, ladj = packed_spline(
             x, t, count_bins=6, variant=variant, low=-5.0, high=5.0, inverse=inverse,
-            raw_bound=2.0 if bound_inside else math.inf,
+            raw_bound=bound if bound_inside else math.inf,
         )  # fmt: skip
         return torch.autograd.grad((weights[0] * y + weights[1] * ladj).sum(), (x, theta))
 
