@@ -148,12 +148,12 @@ def test_cli_fit_interrupted_at_random_moments_keeps_the_previous_model(tmp_path
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
-        time.sleep(startup + rng.uniform(0.5, 4.0))
+        time.sleep(2 * startup + rng.uniform(0.5, 4.0))
         process.send_signal(sig)
         _, stderr = process.communicate(timeout=120)
         assert model.read_bytes() == before or load(model).input_dim == 2
-        if sig == signal.SIGINT and process.returncode != 0:
-            assert process.returncode == 130 and b"Traceback" not in stderr, stderr
+        if sig == signal.SIGINT:  # before the end: "interrupted", 130; after: a normal exit
+            assert process.returncode in (0, 130) and b"Traceback" not in stderr, stderr
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
