@@ -16,9 +16,10 @@ must broadcast like it does for ``Trace_ELBO(vectorize_particles=True)``); pass
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -739,16 +740,45 @@ def diagnose(
         >>> result.trustworthy
         False
     """
+    with _seeded(seed):  # a forked RNG: the caller's generators are left as they were
+        return _diagnose(
+            model, guide, args, kwargs, num_samples, parallel, chunk_size, seed, widen,
+            posterior_predictive,
+        )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    """Seed torch's RNG inside a fork of it (CPU and the current CUDA device); ``None``: as is."""
+    if seed is None:
+        yield
+        return
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _diagnose(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict[str, Any],
+    num_samples: int,
+    parallel: bool,
+    chunk_size: int,
+    seed: int | None,
+    widen: float | None,
+    posterior_predictive: bool,
+) -> Diagnosis:
+    """`diagnose` with its arguments gathered (see there)."""
     if not (_is_count(num_samples) and num_samples >= 2):
         raise ValueError(
             f"diagnose needs num_samples >= 2 draws (a few thousand for a reliable k-hat), "
             f"got {num_samples!r}"
         )
     az = _import_arviz()
-    generator = None
-    if seed is not None:
-        pyro.set_rng_seed(seed)
-        generator = torch.Generator().manual_seed(seed)
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
     draws = _draw(
         model,
         guide,

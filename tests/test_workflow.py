@@ -7,6 +7,7 @@ import math
 import warnings
 
 import matplotlib
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -75,6 +76,19 @@ def test_exact_guide_has_constant_weights_equal_to_the_evidence():
     assert result.elbo == pytest.approx(expected, abs=1e-9)
     assert result.ess == pytest.approx(2000, rel=1e-6)
     assert result.trustworthy
+
+
+def test_seed_reproduces_draws_and_leaves_the_global_generators_alone():
+    import random
+
+    torch.manual_seed(123)
+    before = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    guide = functools.partial(exact_guide, shift=0.5)
+    first = diagnose(poisson_model, guide, COUNTS, num_samples=200, seed=7)
+    second = diagnose(poisson_model, guide, COUNTS, num_samples=200, seed=7)
+    torch.testing.assert_close(first.log_weights, second.log_weights, rtol=0, atol=0)
+    assert torch.equal(torch.get_rng_state(), before[0])
+    assert np.array_equal(np.random.get_state()[1], before[1]) and random.getstate() == before[2]
 
 
 def test_parallel_and_sequential_draws_score_alike():
