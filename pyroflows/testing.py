@@ -300,15 +300,39 @@ def check_fused(t: FlowTransform, x: Tensor, atol: float | None = None) -> None:
 
 
 def check_jacobian_structure(layer: FlowModule, t: FlowTransform, x: Tensor) -> None:
-    """Coupling: identity block on pass-through features; autoregressive: triangular in order."""
+    """The zeros a layer's structure promises in its Jacobian (``x`` of shape ``(N, D)``).
+
+    Coupling: identity rows for pass-through features; autoregressive: triangular in its
+    order; permutations: the permutation matrix; elementwise maps (`ActNorm`, `Standardize`,
+    `SupportMap`, diagonal `Precondition`): diagonal; `Precondition`: lower triangular;
+    `LULinear`: the same matrix at every input. An unknown layer type is an error, so a new
+    layer must state its structure here.
+    """
     base = layer.layer if isinstance(layer, Inverse) else layer
     jac = batch_jacobian(t._call, x.expand_as(t._call(x)))
     d = x.shape[-1]
+    eye = torch.eye(d, dtype=x.dtype, device=x.device)
+    if isinstance(base, Permute):
+        perm = base.inverse_permutation if isinstance(layer, Inverse) else base.permutation
+        if not torch.equal(jac, eye.index_select(0, perm).expand_as(jac)):
+            raise AssertionError("permutation: the Jacobian is not the permutation matrix")
+    elif isinstance(base, ActNorm | Standardize | SupportMap) or (
+        isinstance(base, Precondition) and base.scale.dim() == 1
+    ):
+        if bool((jac * (1 - eye) != 0).any()):
+            raise AssertionError("elementwise map: the Jacobian is not diagonal")
+    elif isinstance(base, Precondition):
+        if bool((jac.triu(1) != 0).any()):
+            raise AssertionError("precondition: the Jacobian is not lower triangular")
+    elif isinstance(base, LULinear):
+        if not torch.allclose(jac, jac[:1].expand_as(jac)):
+            raise AssertionError("LU-linear: the Jacobian changes with the input")
+    elif not isinstance(base, Coupling | Autoregressive):
+        raise AssertionError(f"no Jacobian structure is known for {type(base).__name__}")
     if isinstance(base, Coupling):
         idx = base.idx_id
         rows = jac.index_select(-2, idx)
-        eye = torch.eye(d, dtype=x.dtype, device=x.device).index_select(0, idx)
-        if not torch.equal(rows, eye.expand_as(rows)):
+        if not torch.equal(rows, eye.index_select(0, idx).expand_as(rows)):
             raise AssertionError("coupling: pass-through rows of the Jacobian are not identity")
     elif isinstance(base, Autoregressive):
         rank = torch.empty_like(base.conditioner.order)

@@ -194,9 +194,12 @@ def test_bad_context_raises_value_error(case, dtype, device):
     layer = make(name, cond, dtype, device)
     x = LAYERS[name].sample((5, D), dtype, device)
     if not cond:
-        if LAYERS[name].conditional:
+        c = torch.randn(5, C, dtype=dtype, device=device)
+        if LAYERS[name].conditional:  # built without a context, it refuses one
             with pytest.raises(ValueError, match="unconditional"):
-                layer.condition(torch.randn(5, C, dtype=dtype, device=device))
+                layer.condition(c)
+        else:  # a mixing layer ignores a context, as its documentation says
+            assert torch.equal(layer.condition(c)(x), layer(x))
         return
     with pytest.raises(ValueError, match="needs a context"):
         layer(x)
