@@ -23,7 +23,7 @@ from pyro.distributions.conditional import ConditionalTransformModule
 from torch import Tensor
 from torch.distributions import Transform, constraints
 
-__all__ = ["FlowTransform", "FlowModule", "Inverse", "check_event", "check_context"]
+__all__ = ["FlowTransform", "FlowModule", "ContextFree", "Inverse", "check_event", "check_context"]
 
 
 def check_event(x: Tensor, input_dim: int, what: str = "input") -> None:
@@ -175,6 +175,17 @@ class FlowModule(FlowTransform, TransformModule, ConditionalTransformModule):
     def from_config(cls, config: dict[str, Any]) -> FlowModule:
         """A fresh layer (initial weights) with the structure ``config`` describes."""
         return cls(**config)
+
+
+class ContextFree(FlowModule):
+    """A layer whose map does not depend on a context: it is its own transform.
+
+    Given a context (inside a conditional flow), it ignores it; mixing layers and the fixed
+    data maps are of this kind.
+    """
+
+    def condition(self, context: Tensor | None = None) -> FlowTransform:
+        return self
 
 
 class Inverse(FlowModule):

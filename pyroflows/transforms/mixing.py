@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import FlowModule, FlowTransform, check_event
+from .base import ContextFree, check_event
 
 __all__ = ["Permute", "Reverse", "LULinear", "ActNorm", "Precondition"]
 
@@ -30,14 +30,7 @@ def _row_scale(*terms: Tensor) -> Tensor:
     return torch.exp2(torch.floor(torch.log2(size.clamp_min(1.0))))
 
 
-class _ContextFree(FlowModule):
-    """A layer whose transform does not depend on a context: it is its own transform."""
-
-    def condition(self, context: Tensor | None = None) -> FlowTransform:
-        return self
-
-
-class Permute(_ContextFree):
+class Permute(ContextFree):
     """Reorder features: ``y = x[..., permutation]``. Volume preserving, both ways cheap.
 
     Args:
@@ -91,7 +84,7 @@ class Reverse(Permute):
         return {"input_dim": self.input_dim}
 
 
-class LULinear(_ContextFree):
+class LULinear(ContextFree):
     """Invertible linear map ``y = W x + b`` with ``W = P L U`` (Kingma & Dhariwal, 2018).
 
     ``P`` is a fixed permutation (a buffer), ``L`` unit lower triangular, ``U`` upper
@@ -163,7 +156,7 @@ class LULinear(_ContextFree):
         return self._ladj(x)
 
 
-class ActNorm(_ContextFree):
+class ActNorm(ContextFree):
     """Learnable elementwise affine map ``y = loc + exp(log_scale) * x`` (ActNorm-style).
 
     Starts as the identity. `initialize` sets it from data so that the inverse map
@@ -215,7 +208,7 @@ class ActNorm(_ContextFree):
         return self.log_scale.sum().expand(x.shape[:-1])
 
 
-class Precondition(_ContextFree):
+class Precondition(ContextFree):
     """Affine map through a fixed linear preconditioner: ``y = loc + L (shift + s * x)``.
 
     ``loc`` and ``L`` are fixed buffers (e.g. the mode and a square root of the inverse

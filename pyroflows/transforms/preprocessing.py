@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import FlowModule, FlowTransform, check_event
+from .base import ContextFree, check_event
 
 __all__ = ["Standardize", "SupportMap"]
 
@@ -32,11 +32,8 @@ __all__ = ["Standardize", "SupportMap"]
 _F64 = torch.float64
 
 
-class _Fixed(FlowModule):
+class _Fixed(ContextFree):
     """A parameter-free map whose floating buffers stay float64 (see the module docstring)."""
-
-    def condition(self, context: Tensor | None = None) -> FlowTransform:
-        return self
 
     def get_config(self) -> dict[str, Any]:
         """Only the size: the statistics or bounds are buffers in the state dict."""
