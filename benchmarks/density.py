@@ -47,6 +47,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from pyroflows.utils import torch_threads
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT / ".." / "shared" / "data" / "galaxies" / "galaxies.csv"
 
@@ -534,12 +536,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ``params`` and ``seconds``.
     """
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):  # the caller's setting is restored after
         return _run(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(args: argparse.Namespace) -> dict:

@@ -48,6 +48,7 @@ import torch
 
 from pyroflows import diagnose, to_inference_data
 from pyroflows.infer import AutoFlow, GuideTraining, train_guide
+from pyroflows.utils import torch_threads
 from pyroflows.workflow import _import_arviz
 
 Y = torch.tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0], dtype=torch.float64)
@@ -108,15 +109,19 @@ def compare(draws: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> d
         sd = ref.std(0, ddof=1)
         z_mean.append(np.abs(got.mean(0) - ref.mean(0)) / sd)
         log_sd.append(np.abs(np.log(got.std(0, ddof=1) / sd)))
-    return {"max_z_mean": float(np.max(np.concatenate(z_mean))),
-            "max_abs_log_sd_ratio": float(np.max(np.concatenate(log_sd)))}
+    return {
+        "max_z_mean": float(np.max(np.concatenate(z_mean))),
+        "max_abs_log_sd_ratio": float(np.max(np.concatenate(log_sd))),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="noncentered,centered")
     parser.add_argument(
-        "--steps", type=int, default=10_000,
+        "--steps",
+        type=int,
+        default=10_000,
         help="most SVI steps (train_guide's max_steps; it stops earlier once converged)",
     )
     parser.add_argument("--particles", type=int, default=16, help="ELBO particles per step")
@@ -128,10 +133,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     args = parser.parse_args(argv)
     az = _import_arviz()
     reference = load_reference(args.reference) if args.reference else None
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     results, draws = {}, {}
-    try:
+    with torch_threads(1):  # the caller's setting is restored after
         for name in args.models.split(","):
             model = MODELS[name]
             start = time.perf_counter()
@@ -144,11 +147,18 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
             print(az.summary(idata, var_names=["mu", "tau", "theta"], kind="stats").round(2))
             loo = az.loo(idata)
             print(f"PSIS-LOO elpd {loo.elpd_loo:.2f} +- {loo.se:.2f}")
-            result = {"khat": report.khat, "ess": report.ess, "trustworthy": report.trustworthy,
-                      "elbo": report.elbo, "log_evidence": report.log_evidence,
-                      "missing_mass": report.mass_check.missing_mass,
-                      "elpd_loo": float(loo.elpd_loo), "seconds": seconds,
-                      "steps": history.num_steps, "stopped": history.stopped}
+            result = {
+                "khat": report.khat,
+                "ess": report.ess,
+                "trustworthy": report.trustworthy,
+                "elbo": report.elbo,
+                "log_evidence": report.log_evidence,
+                "missing_mass": report.mass_check.missing_mass,
+                "elpd_loo": float(loo.elpd_loo),
+                "seconds": seconds,
+                "steps": history.num_steps,
+                "stopped": history.stopped,
+            }
             if reference is not None:
                 result["guide_vs_reference"] = compare(_columns(report.samples), reference)
                 result["psis_vs_reference"] = compare(_columns(report.posterior), reference)
@@ -164,16 +174,19 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
                 os.makedirs(args.out, exist_ok=True)
                 az.plot_posterior(idata, var_names=["mu", "tau"])
                 plt.savefig(Path(args.out) / f"{name}_posterior.png", dpi=80)
-                az.plot_pair(idata, var_names=["tau", "theta"], coords={"school": [0]},
-                             kind="scatter", scatter_kwargs={"alpha": 0.1})
+                az.plot_pair(
+                    idata,
+                    var_names=["tau", "theta"],
+                    coords={"school": [0]},
+                    kind="scatter",
+                    scatter_kwargs={"alpha": 0.1},
+                )
                 plt.savefig(Path(args.out) / f"{name}_pair.png", dpi=80)
                 plt.close("all")
             results[name] = result
             draws[name] = _columns(report.samples)
         if args.out and reference is not None:
             plot_funnel(draws, reference, Path(args.out) / "funnel.png")
-    finally:
-        torch.set_num_threads(threads)
     return results
 
 
@@ -185,8 +198,9 @@ def plot_funnel(draws: dict[str, dict[str, np.ndarray]], reference, path: Path) 
     import matplotlib.pyplot as plt
 
     panels = {"reference (Stan NUTS)": reference} | {f"AutoFlow, {k}": v for k, v in draws.items()}
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), sharex=True,
-                             sharey=True)
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(4 * len(panels), 3.6), sharex=True, sharey=True
+    )
     for ax, (title, d) in zip(np.atleast_1d(axes), panels.items(), strict=True):
         n = min(3000, len(d["tau"]))
         ax.scatter(d["theta"][:n, 0], np.log(d["tau"][:n]), s=2, alpha=0.3)

@@ -56,6 +56,7 @@ from pyro.infer.autoguide import AutoIAFNormal, AutoMultivariateNormal
 from torch import Tensor
 
 from pyroflows.infer import AutoFlow, GuideTraining, train_guide
+from pyroflows.utils import torch_threads
 
 Energy = Callable[[Tensor], Tensor]
 
@@ -327,12 +328,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, float]]
     ``log_z`` and ``seconds`` (training time).
     """
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):  # the caller's setting is restored after
         return run(args)
-    finally:
-        torch.set_num_threads(threads)  # leave the caller's setting as it was
 
 
 def run(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:

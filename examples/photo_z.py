@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 import pyroflows
+from pyroflows.utils import torch_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT / ".." / "shared" / "data" / "galaxies" / "galaxies.csv"
@@ -245,12 +246,8 @@ def table(metrics: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> dict:
     """Fit, evaluate and plot; return the metrics (also written to ``OUT/metrics.json``)."""
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):  # the caller's setting is restored after
         return run(args)
-    finally:
-        torch.set_num_threads(threads)  # leave the caller's setting as it was
 
 
 def run(args: argparse.Namespace) -> dict:

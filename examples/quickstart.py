@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 import pyroflows
+from pyroflows.utils import torch_threads
 
 
 def two_moons(n: int, noise: float = 0.08, seed: int = 0) -> torch.Tensor:
@@ -70,12 +71,8 @@ def main(argv: list[str] | None = None) -> float:
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was requested but CUDA is not available")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):  # the caller's setting is restored after
         return fit(args)
-    finally:
-        torch.set_num_threads(threads)  # leave the caller's setting as it was
 
 
 def fit(args: argparse.Namespace) -> float:

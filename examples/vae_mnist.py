@@ -57,6 +57,7 @@ from pyro.optim import Adam
 from torch import Tensor, nn
 
 from pyroflows.infer import AmortizedFlow
+from pyroflows.utils import torch_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT / ".." / "shared" / "data" / "mnist_test"
@@ -429,12 +430,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict:
     """Train both VAEs, evaluate them on the held-out images, write figures; return metrics."""
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):  # the caller's setting is restored after
         return run(args)
-    finally:
-        torch.set_num_threads(threads)  # leave the caller's setting as it was
 
 
 def run(args: argparse.Namespace) -> dict:

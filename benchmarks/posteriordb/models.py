@@ -120,8 +120,9 @@ def _student_t(x: Tensor, nu: float, loc: float, scale: float) -> Tensor:
     return -(nu + 1) / 2 * torch.log1p(((x - loc) / scale) ** 2 / nu)
 
 
-def _ols(X: Tensor, y: Tensor, prior_sd: Tensor | float | None = None,
-         prior_mean: Tensor | float = 0.0) -> tuple[Tensor, Tensor]:
+def _ols(
+    X: Tensor, y: Tensor, prior_sd: Tensor | float | None = None, prior_mean: Tensor | float = 0.0
+) -> tuple[Tensor, Tensor]:
     """Regression coefficients and residual sd, used as initial values.
 
     Least squares; with ``prior_sd`` (per coefficient, ``inf`` for flat) the posterior mode
@@ -238,8 +239,10 @@ def _hmm_terms(theta1: Tensor, theta2: Tensor, phi: Tensor, lam: Tensor, data: D
     log_trans = torch.log(torch.stack([theta1, theta2], dim=-2))
     u, v = data["u"][:, None], data["v"][:, None]
     log_emit = (
-        torch.log(phi).unsqueeze(-2) - phi.unsqueeze(-2) * u
-        + torch.log(lam).unsqueeze(-2) - lam.unsqueeze(-2) * v
+        torch.log(phi).unsqueeze(-2)
+        - phi.unsqueeze(-2) * u
+        + torch.log(lam).unsqueeze(-2)
+        - lam.unsqueeze(-2) * v
     )
     return hmm_forward(log_trans, log_emit)
 
@@ -329,8 +332,12 @@ def _diamonds_log_density(p: Params, data: Data) -> Tensor:
 def _diamonds_init(data: Data) -> Params:
     X = torch.cat([torch.ones_like(data["Y"]).unsqueeze(-1), data["Xc"]], dim=-1)
     prior_sd = torch.cat([_t([10.0]), torch.ones(X.shape[-1] - 1, dtype=DTYPE)])
-    coef, s = _ols(X, data["Y"], prior_sd=prior_sd, prior_mean=torch.cat(
-        [_t([8.0]), torch.zeros(X.shape[-1] - 1, dtype=DTYPE)]))
+    coef, s = _ols(
+        X,
+        data["Y"],
+        prior_sd=prior_sd,
+        prior_mean=torch.cat([_t([8.0]), torch.zeros(X.shape[-1] - 1, dtype=DTYPE)]),
+    )
     return {"b": coef[1:], "Intercept": coef[0], "sigma": s}
 
 
@@ -551,8 +558,13 @@ _BLR_SIZES = {"beta": 5, "sigma": None}
 def max_plate_nesting(model: Callable, *args) -> int:
     """Number of plate dimensions the model uses (one trace)."""
     trace = poutine.trace(model).get_trace(*args)
-    dims = [-f.dim for s in trace.nodes.values() if s["type"] == "sample"
-            for f in s["cond_indep_stack"] if f.vectorized]
+    dims = [
+        -f.dim
+        for s in trace.nodes.values()
+        if s["type"] == "sample"
+        for f in s["cond_indep_stack"]
+        if f.vectorized
+    ]
     return max(dims, default=0)
 
 
@@ -611,46 +623,86 @@ def _posterior(name, sizes, prepare, model, log_density, init, maps=None, notes=
 
 _LIST = [
     _posterior(
-        "eight_schools-eight_schools_noncentered", _SCHOOLS_SIZES, _schools_prepare,
-        _schools_noncentered_model, _schools_noncentered_log_density, _schools_init(False),
+        "eight_schools-eight_schools_noncentered",
+        _SCHOOLS_SIZES,
+        _schools_prepare,
+        _schools_noncentered_model,
+        _schools_noncentered_log_density,
+        _schools_init(False),
         (_schools_to_columns_nc, _schools_from_columns_nc),
         "theta = mu + tau * theta_trans is a transformed parameter (the reference's columns)",
     ),
     _posterior(
-        "eight_schools-eight_schools_centered", _SCHOOLS_SIZES, _schools_prepare,
-        _schools_centered_model, _schools_centered_log_density, _schools_init(True),
+        "eight_schools-eight_schools_centered",
+        _SCHOOLS_SIZES,
+        _schools_prepare,
+        _schools_centered_model,
+        _schools_centered_log_density,
+        _schools_init(True),
         notes="funnel; Pyro needs mu and tau sampled before theta",
     ),
     _posterior(
-        "kilpisjarvi_mod-kilpisjarvi", _KILPIS_SIZES, _kilpis_prepare, _kilpis_model,
-        _kilpis_log_density, _kilpis_init, notes="flat prior on sigma > 0; uncentred x",
+        "kilpisjarvi_mod-kilpisjarvi",
+        _KILPIS_SIZES,
+        _kilpis_prepare,
+        _kilpis_model,
+        _kilpis_log_density,
+        _kilpis_init,
+        notes="flat prior on sigma > 0; uncentred x",
     ),
     _posterior(
-        "diamonds-diamonds", _DIAMONDS_SIZES, _diamonds_prepare, _diamonds_model,
-        _diamonds_log_density, _diamonds_init,
+        "diamonds-diamonds",
+        _DIAMONDS_SIZES,
+        _diamonds_prepare,
+        _diamonds_model,
+        _diamonds_log_density,
+        _diamonds_init,
         notes="X's intercept column dropped, others centred; half-Student-t(3, 0, 10) sigma",
     ),
     _posterior(
-        "earnings-logearn_interaction", _EARN_SIZES, _earn_prepare, _earn_model,
-        _earn_log_density, _earn_init, notes="flat priors on beta and sigma > 0",
+        "earnings-logearn_interaction",
+        _EARN_SIZES,
+        _earn_prepare,
+        _earn_model,
+        _earn_log_density,
+        _earn_init,
+        notes="flat priors on beta and sigma > 0",
     ),
     _posterior(
-        "bball_drive_event_0-hmm_drive_0", _HMM_SIZES, _hmm_prepare, _hmm_model,
-        _hmm_log_density, _hmm_init,
+        "bball_drive_event_0-hmm_drive_0",
+        _HMM_SIZES,
+        _hmm_prepare,
+        _hmm_model,
+        _hmm_log_density,
+        _hmm_init,
         notes="simplex rows (Dirichlet), positive_ordered phi/lambda with normal factors, "
         "forward algorithm by pairwise log-matrix products",
     ),
     _posterior(
-        "low_dim_gauss_mix-low_dim_gauss_mix", _MIX_SIZES, _mix_prepare, _mix_model,
-        _mix_log_density, _mix_init,
+        "low_dim_gauss_mix-low_dim_gauss_mix",
+        _MIX_SIZES,
+        _mix_prepare,
+        _mix_model,
+        _mix_log_density,
+        _mix_init,
         notes="ordered mu: flat ordered site + normal(0, 2) factor; log_mix as a mixture",
     ),
     _posterior(
-        "arK-arK", _ARK_SIZES, _ark_prepare, _ark_model, _ark_log_density, _ark_init,
+        "arK-arK",
+        _ARK_SIZES,
+        _ark_prepare,
+        _ark_model,
+        _ark_log_density,
+        _ark_init,
         notes="AR(5): lag matrix built once; half-Cauchy(2.5) sigma",
     ),
     _posterior(
-        "sblrc-blr", _BLR_SIZES, _blr_prepare, _blr_model, _blr_log_density, _blr_init,
+        "sblrc-blr",
+        _BLR_SIZES,
+        _blr_prepare,
+        _blr_model,
+        _blr_log_density,
+        _blr_init,
         notes="half-normal(10) sigma",
     ),
 ]

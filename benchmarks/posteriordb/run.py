@@ -46,6 +46,8 @@ from pyro.infer.autoguide import (
 )
 from pyro.infer.autoguide.initialization import InitMessenger
 
+from pyroflows.utils import torch_threads
+
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
@@ -61,8 +63,7 @@ from models import (  # noqa: E402
 )
 
 DEFAULT_DATA = HERE.parents[1].parent / "shared" / "data" / "posteriordb"
-PYRO_GUIDES = ("AutoNormal", "AutoMultivariateNormal", "AutoIAFNormal",
-               "AutoLaplaceApproximation")
+PYRO_GUIDES = ("AutoNormal", "AutoMultivariateNormal", "AutoIAFNormal", "AutoLaplaceApproximation")
 # AutoFlow with its defaults; "-affine": affine IAF layers; "-off": preconditioning off and
 # the data-based start with scale 0.1 (AutoFlow before preconditioning); "-nostl": the
 # total gradient instead of the path derivative
@@ -116,8 +117,11 @@ def make_guide(name: str, model: Callable, data: dict, init: dict, s: Settings):
         # unconstrained scale whatever the init; it traces the model once with
         # init_to_feasible, which cannot sample flat (ImproperUniform) sites, so the model it
         # traces (not the one SVI runs) gets our values first.
-        guide = AutoIAFNormal(InitMessenger(init_fn)(model), hidden_dim=[max(32, 2 * dim)] * 2,
-                              num_transforms=s.num_layers)
+        guide = AutoIAFNormal(
+            InitMessenger(init_fn)(model),
+            hidden_dim=[max(32, 2 * dim)] * 2,
+            num_transforms=s.num_layers,
+        )
     elif name == "AutoFlow":
         guide = AutoFlow(model, num_layers=s.num_layers)
     elif name == "AutoFlow-affine":
@@ -142,8 +146,13 @@ def fit(post: Posterior, data: dict, guide_name: str, s: Settings) -> tuple[Any,
     guide = make_guide(guide_name, post.model, data, post.init_values(data), s)
     setup = time.perf_counter() - start
     options = {"max_steps": s.max_steps, "num_particles": s.particles}
-    history = train_guide(post.model, guide, data, progress=False,
-                          **{k: v for k, v in options.items() if v is not None})
+    history = train_guide(
+        post.model,
+        guide,
+        data,
+        progress=False,
+        **{k: v for k, v in options.items() if v is not None},
+    )
     if guide_name == "AutoLaplaceApproximation":
         guide = guide.laplace_approximation(data)
     stats = {
@@ -161,13 +170,15 @@ def fit(post: Posterior, data: dict, guide_name: str, s: Settings) -> tuple[Any,
 def plate_nesting(model: Callable, guide: Callable, data: dict) -> int:
     """Plate dimensions used by the guide and by the model replayed on a guide draw."""
     proto = poutine.trace(guide).get_trace(data)
-    return max(max_plate_nesting(guide, data),
-               max_plate_nesting(poutine.replay(model, trace=proto), data))
+    return max(
+        max_plate_nesting(guide, data), max_plate_nesting(poutine.replay(model, trace=proto), data)
+    )
 
 
 @torch.no_grad()
-def guide_draws(guide: Callable, data: dict, post: Posterior, n: int,
-                chunk: int = 2500) -> dict[str, torch.Tensor]:
+def guide_draws(
+    guide: Callable, data: dict, post: Posterior, n: int, chunk: int = 2500
+) -> dict[str, torch.Tensor]:
     """``n`` guide draws of each latent site, shaped ``(n, *site_shape)`` (constrained)."""
     shapes = post.site_shapes()
     nesting = max_plate_nesting(guide, data)
@@ -182,8 +193,9 @@ def guide_draws(guide: Callable, data: dict, post: Posterior, n: int,
 
 
 @torch.no_grad()
-def log_weights(model: Callable, guide: Callable, data: dict, n: int,
-                chunk: int = 1000) -> torch.Tensor:
+def log_weights(
+    model: Callable, guide: Callable, data: dict, n: int, chunk: int = 1000
+) -> torch.Tensor:
     """``log p(x, z) - log q(z)`` for ``n`` guide draws (a vectorised particle plate)."""
     nesting = plate_nesting(model, guide, data)
     parts = []
@@ -218,8 +230,13 @@ def psis_khat(model: Callable, guide: Callable, data: dict, n: int, seed: int) -
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # ArviZ overflow on huge k
                 result = diagnose(model, guide, data, num_samples=n, seed=seed)
-            return {"khat": float(result.khat), "ess": float(result.ess), "source": "diagnose",
-                    "trustworthy": bool(result.trustworthy), "verdict": result.verdict}
+            return {
+                "khat": float(result.khat),
+                "ess": float(result.ess),
+                "source": "diagnose",
+                "trustworthy": bool(result.trustworthy),
+                "verdict": result.verdict,
+            }
         except (ValueError, RuntimeError, NotImplementedError) as error:
             note = f"arviz.psislw (pyroflows.diagnose failed: {error})"
     import arviz as az
@@ -235,8 +252,7 @@ def psis_khat(model: Callable, guide: Callable, data: dict, n: int, seed: int) -
     return {"khat": float(khat), "ess": ess, "source": note}
 
 
-def evaluate(post: Posterior, data: dict, ref: np.ndarray, guide_name: str,
-             s: Settings) -> dict:
+def evaluate(post: Posterior, data: dict, ref: np.ndarray, guide_name: str, s: Settings) -> dict:
     """Fit one guide on one posterior and score it against the reference."""
     if guide_name not in GUIDES:
         raise ValueError(f"unknown guide {guide_name!r}")
@@ -279,8 +295,11 @@ def _cell(cells: list[dict], key: str, digits: int = 3) -> str:
 def tables(results: dict, guides: Sequence[str]) -> str:
     """Markdown tables (mean ± sd over seeds): sliced-W2, k-hat, moments, fit time."""
     blocks = [
-        ("sliced-W2 (noise floor: reference chains 1-5 vs 6-10; **bold**: best mean of the "
-         "row)", "sliced_w2", 3),
+        (
+            "sliced-W2 (noise floor: reference chains 1-5 vs 6-10; **bold**: best mean of the row)",
+            "sliced_w2",
+            3,
+        ),
         ("PSIS k-hat (4000 draws; > 0.7: do not trust)", "khat", 2),
         ("max z_mean (|mean error| in reference sds, worst column)", "z_mean", 3),
         ("max |log sd ratio| (worst column)", "log_sd", 3),
@@ -288,14 +307,22 @@ def tables(results: dict, guides: Sequence[str]) -> str:
     ]
     lines: list[str] = []
     for title, key, digits in blocks:
-        lines += [title, "", "| posterior | noise floor | " + " | ".join(guides) + " |",
-                  "|---" * (len(guides) + 2) + "|"]
+        lines += [
+            title,
+            "",
+            "| posterior | noise floor | " + " | ".join(guides) + " |",
+            "|---" * (len(guides) + 2) + "|",
+        ]
         for name, row in results.items():
             means = {g: _stat(row["guides"][g], key)[0] for g in guides}
             finite = [v for v in means.values() if math.isfinite(v)]
             best = min(finite) if finite and key == "sliced_w2" else None
-            cells = [f"**{_cell(row['guides'][g], key, digits)}**" if means[g] == best
-                     else _cell(row["guides"][g], key, digits) for g in guides]
+            cells = [
+                f"**{_cell(row['guides'][g], key, digits)}**"
+                if means[g] == best
+                else _cell(row["guides"][g], key, digits)
+                for g in guides
+            ]
             floor = _fmt(row["noise_floor"].get(key, math.nan), digits)
             lines.append(f"| {name} | {floor} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -331,30 +358,49 @@ def targets(results: dict, guides: Sequence[str]) -> list[str]:
     return out
 
 
-def run(names: Sequence[str], guides: Sequence[str], s: Settings, root: Path,
-        seeds: Sequence[int] = (0,), log: Callable[[str], None] = print) -> dict:
+def run(
+    names: Sequence[str],
+    guides: Sequence[str],
+    s: Settings,
+    root: Path,
+    seeds: Sequence[int] = (0,),
+    log: Callable[[str], None] = print,
+) -> dict:
     """Fit and score every guide on every posterior for every seed (JSON-ready results)."""
     results: dict[str, Any] = {}
     for name in names:
         post = POSTERIORS[name]
         data, ref = load_data(root, post), load_reference(root, post)
-        row = {"noise_floor": metrics.noise_floor(ref, seed=0),
-               "guides": {g: [] for g in guides}}
+        row = {"noise_floor": metrics.noise_floor(ref, seed=0), "guides": {g: [] for g in guides}}
         for g in guides:
             for seed in seeds:
                 try:
                     r = evaluate(post, data, ref, g, replace(s, seed=seed))
                 except Exception as error:  # one failed fit must not stop the benchmark
                     nan = float("nan")
-                    r = {k: nan for k in ("z_mean", "log_sd", "sliced_w2", "energy", "khat",
-                                          "ess", "final_loss", "fit_seconds", "eval_seconds")}
+                    r = {
+                        k: nan
+                        for k in (
+                            "z_mean",
+                            "log_sd",
+                            "sliced_w2",
+                            "energy",
+                            "khat",
+                            "ess",
+                            "final_loss",
+                            "fit_seconds",
+                            "eval_seconds",
+                        )
+                    }
                     r.update(finite=0.0, source=f"failed: {type(error).__name__}: {error}")
                 row["guides"][g].append({"seed": seed, **r})
-                log(f"{name:42s} {g:24s} seed {seed} sW2 {_fmt(r['sliced_w2'])} (floor "
+                log(
+                    f"{name:42s} {g:24s} seed {seed} sW2 {_fmt(r['sliced_w2'])} (floor "
                     f"{_fmt(row['noise_floor']['sliced_w2'])}) k-hat {_fmt(r['khat'], 2)} "
                     f"z {_fmt(r['z_mean'])} logsd {_fmt(r['log_sd'])} fit "
                     f"{r['fit_seconds']:.1f}s ({r.get('steps', 0)} steps) eval "
-                    f"{r['eval_seconds']:.1f}s {r.get('preconditioning', '')}")
+                    f"{r['eval_seconds']:.1f}s {r.get('preconditioning', '')}"
+                )
         results[name] = row
     return results
 
@@ -363,8 +409,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="CI mode: 2 posteriors, few steps")
     p.add_argument("--posteriors", help="comma-separated folder names (default all 9)")
-    p.add_argument("--guides", help=f"comma-separated among {','.join(GUIDES)} "
-                   f"(default {','.join(DEFAULT_GUIDES)})")
+    p.add_argument(
+        "--guides",
+        help=f"comma-separated among {','.join(GUIDES)} (default {','.join(DEFAULT_GUIDES)})",
+    )
     p.add_argument("--max-steps", type=int, help="bound on SVI steps (default: the trainer's)")
     p.add_argument("--particles", type=int, help="ELBO particles (default: the trainer's)")
     p.add_argument("--num-layers", type=int, help="flow layers (AutoFlow, AutoIAFNormal)")
@@ -381,38 +429,52 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Command-line entry point; returns the results dict (with the table under ``table``)."""
     args = parse_args(argv)
     s = QUICK if args.quick else Settings()
-    overrides = {"max_steps": args.max_steps, "particles": args.particles,
-                 "num_layers": args.num_layers, "num_samples": args.num_samples}
+    overrides = {
+        "max_steps": args.max_steps,
+        "particles": args.particles,
+        "num_layers": args.num_layers,
+        "num_samples": args.num_samples,
+    }
     s = replace(s, **{k: v for k, v in overrides.items() if v is not None})
     seeds = [int(x) for x in args.seeds.split(",")]
-    names = args.posteriors.split(",") if args.posteriors else (
-        list(QUICK_POSTERIORS) if args.quick else list(POSTERIORS)
+    names = (
+        args.posteriors.split(",")
+        if args.posteriors
+        else (list(QUICK_POSTERIORS) if args.quick else list(POSTERIORS))
     )
-    guides = args.guides.split(",") if args.guides else list(
-        QUICK_GUIDES if args.quick else DEFAULT_GUIDES)
+    guides = (
+        args.guides.split(",")
+        if args.guides
+        else list(QUICK_GUIDES if args.quick else DEFAULT_GUIDES)
+    )
     unknown = [n for n in names if n not in POSTERIORS] + [g for g in guides if g not in GUIDES]
     if unknown:
         raise SystemExit(f"unknown posterior or guide: {unknown}")
     if not args.data.is_dir():
         raise SystemExit(f"posteriordb data not found at {args.data}")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    try:
-        with float64():
-            results = run(names, guides, s, args.data, seeds)
-    finally:
-        torch.set_num_threads(threads)
+    with torch_threads(args.threads), float64():
+        results = run(names, guides, s, args.data, seeds)
     wall = time.perf_counter() - start
     table = tables(results, guides)
     summary = targets(results, guides)
     versions = f"torch {torch.__version__}, pyro-ppl {pyro.__version__}"
-    text = (f"{table}\n" + "\n".join(f"* {line}" for line in summary)
-            + f"\n\nSettings: {asdict(s)}, seeds {seeds}, {args.threads} thread(s), "
-            f"{versions}; wall time {wall:.0f} s.\n")
+    text = (
+        f"{table}\n"
+        + "\n".join(f"* {line}" for line in summary)
+        + f"\n\nSettings: {asdict(s)}, seeds {seeds}, {args.threads} thread(s), "
+        f"{versions}; wall time {wall:.0f} s.\n"
+    )
     print(text)
-    out = {"settings": asdict(s), "seeds": seeds, "wall_seconds": wall, "results": results,
-           "targets": summary, "table": table, "versions": versions}
+    out = {
+        "settings": asdict(s),
+        "seeds": seeds,
+        "wall_seconds": wall,
+        "results": results,
+        "targets": summary,
+        "table": table,
+        "versions": versions,
+    }
     if args.out:
         args.out.write_text(text)
     json_path = args.json or (args.out.with_suffix(".json") if args.out else None)

@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from .models import torch_threads
+from ..utils import torch_threads
 from .parser import build_parser
 from .text import PROG, CLIError, one_line
 
@@ -47,7 +47,7 @@ def _run(args: argparse.Namespace) -> int:
     """Run the chosen command, mapping expected failures to an exit status."""
     command = importlib.import_module(f"{__package__}.{args.command}")
     try:
-        with torch_threads(args.threads):
+        with torch_threads(args.threads or 1):  # one thread unless asked: small networks
             return command.run(args)
     except BrokenPipeError:
         _quiet_stdout()

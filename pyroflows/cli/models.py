@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import sys
@@ -104,14 +103,3 @@ def log_prob(flow: Flow, x: torch.Tensor, context: torch.Tensor | None) -> Itera
     for start in range(0, len(x), CHUNK_ROWS):
         c = None if context is None else context[start : start + CHUNK_ROWS]
         yield flow.condition(c).log_prob(x[start : start + CHUNK_ROWS])
-
-
-@contextlib.contextmanager
-def torch_threads(count: int | None) -> Iterator[None]:
-    """Run the block with ``count`` torch threads (default 1), restoring the old count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(count or 1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
