@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ..conditioners import MADE
 from ..transformers import Transformer
 from .base import FlowModule, FlowTransform, broadcast_context, check_context, check_event
-from .config import decode_activation, decode_transformer, encode_activation, encode_transformer
+from .config import decode_network_args, encode_activation, encode_transformer
 
 __all__ = ["Autoregressive"]
 
@@ -112,10 +112,7 @@ class Autoregressive(FlowModule):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Autoregressive:
-        args = dict(config)
-        args["transformer"] = decode_transformer(args["transformer"])
-        args["activation"] = decode_activation(args["activation"])
-        return cls(**args)
+        return cls(**decode_network_args(config))
 
 
 class _AutoregressiveTransform(FlowTransform):

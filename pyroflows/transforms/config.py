@@ -23,6 +23,7 @@ __all__ = [
     "decode_activation",
     "encode_transformer",
     "decode_transformer",
+    "decode_network_args",
 ]
 
 #: Activations a layer can be saved with, by name.
@@ -92,3 +93,12 @@ def decode_transformer(spec: Any) -> Transformer:
         return cls(**args)
     except TypeError as error:
         raise ValueError(f"bad arguments for {spec['type']}: {error}") from None
+
+
+def decode_network_args(config: dict[str, Any]) -> dict[str, Any]:
+    """A layer's saved arguments with its transformer and activation decoded (the layers
+    with a conditioner network, `Coupling` and `Autoregressive`, save both)."""
+    args = dict(config)
+    args["transformer"] = decode_transformer(args["transformer"])
+    args["activation"] = decode_activation(args["activation"])
+    return args

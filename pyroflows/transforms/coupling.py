@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ..conditioners import MLP
 from ..transformers import Transformer
 from .base import FlowModule, FlowTransform, broadcast_context, check_context, check_event
-from .config import decode_activation, decode_transformer, encode_activation, encode_transformer
+from .config import decode_network_args, encode_activation, encode_transformer
 
 __all__ = ["Coupling"]
 
@@ -112,10 +112,7 @@ class Coupling(FlowModule):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Coupling:
-        args = dict(config)
-        args["transformer"] = decode_transformer(args["transformer"])
-        args["activation"] = decode_activation(args["activation"])
-        return cls(**args)
+        return cls(**decode_network_args(config))
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
         # Files written before 0.2 hold a "merge_index" buffer this layer no longer has.
