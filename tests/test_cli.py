@@ -862,3 +862,13 @@ def test_fit_refuses_a_flow_its_file_could_not_hold(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and "choose smaller --hidden, --layers or --bins" in err
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_main_restores_the_file_size_signal(tmp_path, capsys):
+    import signal
+
+    from pyroflows.cli import main
+
+    before = signal.getsignal(signal.SIGXFSZ)
+    assert main(["info", str(tmp_path / "missing.pt")]) == 1
+    assert signal.getsignal(signal.SIGXFSZ) == before

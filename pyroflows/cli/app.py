@@ -8,6 +8,7 @@ import importlib
 import os
 import signal
 import sys
+from collections.abc import Iterator
 
 import torch
 
@@ -80,7 +81,19 @@ def main(argv: list[str] | None = None) -> int:
         choices = ", ".join(COMMANDS)
         print(f"{PROG}: error: choose a command: {choices} (see '{PROG} --help')", file=sys.stderr)
         return 2
-    if hasattr(signal, "SIGXFSZ"):  # a file-size limit is then an OSError, not a kill
-        with contextlib.suppress(ValueError):  # not in the main thread
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    return _run(args)
+    with _file_size_limit_as_error():
+        return _run(args)
+
+
+@contextlib.contextmanager
+def _file_size_limit_as_error() -> Iterator[None]:
+    """Ignore SIGXFSZ in the block (a file-size limit is then an OSError, not a kill)."""
+    previous = None
+    if hasattr(signal, "SIGXFSZ"):
+        with contextlib.suppress(ValueError):  # not in the main thread: leave it
+            previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGXFSZ, previous)
