@@ -151,15 +151,16 @@ class FlowDistribution(dist.TransformedDistribution):
         shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
         if shape.numel() == 0:  # an empty batch: nothing to score
             return value.new_empty(shape, dtype=dtype)
+        learned, maps = self._split()
         z, total = value, None
-        first_learned = len(self.transforms) - self._num_data
-        for i, t in reversed(list(enumerate(self.transforms))):
-            if i < first_learned and z.dtype != dtype:
-                z = z.to(dtype)  # the data maps ran on the wider values; the layers cannot
+        for t in reversed(maps):  # on the values as given (float64 data stays float64)
             z, ladj = t.inv_and_ladj(z)
-            ladj = ladj.to(dtype)
+            total = ladj.to(dtype) if total is None else total + ladj.to(dtype)
+        z = z.to(dtype)  # the learned layers compute in the flow's dtype
+        for t in reversed(learned):
+            z, ladj = t.inv_and_ladj(z)
             total = ladj if total is None else total + ladj
-        log_prob = self.base_dist.log_prob(z.to(dtype))
+        log_prob = self.base_dist.log_prob(z)
         return log_prob if total is None else log_prob + total
 
     def rsample_and_log_prob(
@@ -171,15 +172,20 @@ class FlowDistribution(dist.TransformedDistribution):
         maps then compute in it, so a float32 flow yields float64 values of full precision.
         The log-density keeps the flow's dtype.
         """
+        _check_sample_dtype(dtype)
         x = self.base_dist.rsample(torch.Size(sample_shape))
-        # torch's Independent cannot sum an empty batch: an empty draw has an empty density.
-        log_prob = self.base_dist.log_prob(x) if x.numel() else x.new_empty(x.shape[:-1])
-        for t in self._to_data(dtype, x):
-            if isinstance(t, torch.dtype):
-                x = x.to(t)
-                continue
-            x, ladj = t.call_and_ladj(x)
-            log_prob = log_prob - ladj.to(log_prob.dtype)
+        if not x.numel():  # torch's Independent cannot sum an empty batch
+            x, log_prob = x.to(dtype or x.dtype), x.new_empty(x.shape[:-1])
+        else:
+            log_prob = self.base_dist.log_prob(x)
+            learned, maps = self._split()
+            for t in learned:
+                x, ladj = t.call_and_ladj(x)
+                log_prob = log_prob - ladj
+            x = x.to(dtype or x.dtype)
+            for t in maps:
+                x, ladj = t.call_and_ladj(x)
+                log_prob = log_prob - ladj.to(log_prob.dtype)
         self._last_draw = (x, x._version, log_prob, torch.is_grad_enabled())
         return x, log_prob
 
@@ -193,21 +199,28 @@ class FlowDistribution(dist.TransformedDistribution):
         self, sample_shape: Sequence[int] = (), *, dtype: torch.dtype | None = None
     ) -> Tensor:
         """Sample without gradients (``dtype`` as in `rsample_and_log_prob`)."""
+        _check_sample_dtype(dtype)
         with torch.no_grad():
             x = self.base_dist.sample(torch.Size(sample_shape))
-            for t in self._to_data(dtype, x):
-                x = x.to(t) if isinstance(t, torch.dtype) else t._call(x)
+            if not x.numel():
+                return x.to(dtype or x.dtype)
+            learned, maps = self._split()
+            for t in learned:
+                x = t._call(x)
+            x = x.to(dtype or x.dtype)
+            for t in maps:
+                x = t._call(x)
         return x
 
-    def _to_data(self, dtype: torch.dtype | None, z: Tensor) -> list[FlowTransform | torch.dtype]:
-        """The transforms base to data for the base draws ``z``, with a cast to ``dtype``
-        before the data maps (only the cast for an empty ``z``: nothing to transform)."""
-        if dtype is not None and not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating point dtype, got {dtype!r}")
-        steps: list[FlowTransform | torch.dtype] = list(self.transforms) if z.numel() else []
-        if dtype is not None and dtype != self._dtype:
-            steps.insert(len(steps) - self._num_data, dtype)
-        return steps
+    def _split(self) -> tuple[list[FlowTransform], list[FlowTransform]]:
+        """The learned transforms and the trailing fixed data maps, base to data."""
+        first_map = len(self.transforms) - self._num_data
+        return self.transforms[:first_map], self.transforms[first_map:]
+
+
+def _check_sample_dtype(dtype: torch.dtype | None) -> None:
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating point dtype, got {dtype!r}")
 
 
 class Flow(nn.Module):
