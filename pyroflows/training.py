@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import math
-import numbers
 import os
 import time
 import warnings
@@ -35,6 +34,7 @@ from torch import Tensor, nn
 
 from .distribution import Flow
 from .transforms.preprocessing import Standardize, SupportMap
+from .utils import is_int, is_real
 
 __all__ = ["fit", "FitHistory", "as_data_tensor", "is_main_process", "find_bad_rows"]
 
@@ -147,7 +147,7 @@ def _support_map(
             if columns is None or key not in columns:
                 raise ValueError(f"bounds name column {key!r}, which is not among {columns}")
             key = list(columns).index(key)
-        if not (_is_int(key) and 0 <= key < dim):
+        if not (is_int(key) and 0 <= key < dim):
             raise ValueError(f"bounds column {key!r} is out of range for {dim} columns")
         if key in seen:
             raise ValueError(f"bounds name column {key} twice (as {seen[key]!r} and {name!r})")
@@ -476,20 +476,6 @@ def fit(
     return history
 
 
-def _is_int(value: Any) -> bool:
-    """A true integer (Python or NumPy), not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
-
-
-def _is_real(value: Any) -> bool:
-    """A finite real number (Python, NumPy or a 0-d tensor's item), not a bool."""
-    return (
-        isinstance(value, numbers.Real)
-        and not isinstance(value, bool | np.bool_)
-        and math.isfinite(value)
-    )
-
-
 def _check_settings(
     *,
     epochs: Any,
@@ -503,25 +489,25 @@ def _check_settings(
     seed: Any,
 ) -> None:
     """One `ValueError` line for the first invalid setting of `fit`."""
-    if not _is_int(epochs) or epochs < 1:
+    if not is_int(epochs) or epochs < 1:
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
-    if not _is_int(batch_size) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if not _is_real(lr) or lr <= 0:
+    if not is_real(lr) or lr <= 0:
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
-    if not _is_real(weight_decay) or weight_decay < 0:
+    if not is_real(weight_decay) or weight_decay < 0:
         raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
-    if clip_grad_norm is not None and (not _is_real(clip_grad_norm) or clip_grad_norm <= 0):
+    if clip_grad_norm is not None and (not is_real(clip_grad_norm) or clip_grad_norm <= 0):
         raise ValueError(
             f"clip_grad_norm must be None or a finite number > 0, got {clip_grad_norm!r}"
         )
-    if not _is_real(validation) or not 0 <= validation < 1:
+    if not is_real(validation) or not 0 <= validation < 1:
         raise ValueError(f"validation must be a fraction in [0, 1), got {validation!r}")
     if schedule not in ("cosine", "plateau", "constant"):
         raise ValueError(f"schedule must be 'cosine', 'plateau' or 'constant', got {schedule!r}")
-    if patience is not None and (not _is_int(patience) or patience < 1):
+    if patience is not None and (not is_int(patience) or patience < 1):
         raise ValueError(f"patience must be a positive integer or None, got {patience!r}")
-    if not _is_int(seed):
+    if not is_int(seed):
         raise ValueError(f"seed must be an integer, got {seed!r}")
 
 

@@ -34,6 +34,8 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
+from .utils import is_int
+
 if TYPE_CHECKING:
     from arviz import InferenceData
 
@@ -292,7 +294,7 @@ def _draw(
     chunk_size: int = 1000,
     predictive: bool = True,
 ) -> _Draws:
-    if not (_is_count(num_samples) and num_samples > 0):
+    if not (is_int(num_samples) and num_samples > 0):
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
     if not (isinstance(chunk_size, int) and chunk_size > 0):
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
@@ -669,11 +671,6 @@ class Diagnosis:
         )
 
 
-def _is_count(value: Any) -> bool:
-    """An integer (not a bool)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def diagnose(
     model: Callable,
     guide: Callable,
@@ -772,7 +769,7 @@ def _diagnose(
     posterior_predictive: bool,
 ) -> Diagnosis:
     """`diagnose` with its arguments gathered (see there)."""
-    if not (_is_count(num_samples) and num_samples >= 2):
+    if not (is_int(num_samples) and num_samples >= 2):
         raise ValueError(
             f"diagnose needs num_samples >= 2 draws (a few thousand for a reliable k-hat), "
             f"got {num_samples!r}"

@@ -21,6 +21,8 @@ from pyro.poutine.messenger import Messenger
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..utils import is_int
+
 __all__ = ["train_guide", "GuideTraining"]
 
 MAX_CONSECUTIVE_NONFINITE = 20
@@ -241,7 +243,7 @@ def _check_options(
         ("window", window, 2),
         ("anneal_steps", anneal_steps, 0),
     ]:
-        if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
+        if not (is_int(value) and value >= low):
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     for name, value in [("lr", lr), ("min_lr", min_lr)] + (
         [] if clip_norm is None else [("clip_norm", clip_norm)]
