@@ -34,7 +34,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
-from .utils import is_int
+from .utils import is_int, is_real
 
 if TYPE_CHECKING:
     from arviz import InferenceData
@@ -774,6 +774,8 @@ def _diagnose(
             f"diagnose needs num_samples >= 2 draws (a few thousand for a reliable k-hat), "
             f"got {num_samples!r}"
         )
+    if widen is not None and not (is_real(widen) and widen > 1):
+        raise ValueError(f"widen must be a finite number above 1 (or None), got {widen!r}")
     az = _import_arviz()
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     draws = _draw(
@@ -787,6 +789,37 @@ def _diagnose(
         predictive=posterior_predictive,
     )
     log_w = draws.log_weights.to(torch.float64)
+    smoothed_t, khat = _psis(az, log_w)
+    ess = float(1.0 / torch.exp(2 * smoothed_t).sum())
+    log_evidence, raw_ess = _log_mean_exp_and_ess(log_w)
+    verdict, trustworthy = _verdict(khat)
+    mass, wide_log_w = None, None
+    if widen is not None and isinstance(guide, AutoContinuous):
+        wide_log_w = _widened_log_weights(
+            model, guide, args, kwargs, num_samples, widen, parallel, chunk_size
+        )
+    if wide_log_w is not None:
+        mass = _mass_record(wide_log_w, widen, log_evidence, raw_ess)
+        if mass.significant:
+            verdict, trustworthy = _missed_mass_verdict(mass, verdict, trustworthy, khat)
+    index = _systematic_resample(smoothed_t, num_samples, generator)
+    return Diagnosis(
+        log_weights=log_w,
+        smoothed_log_weights=smoothed_t,
+        khat=khat,
+        ess=ess,
+        verdict=verdict,
+        trustworthy=trustworthy,
+        elbo=float(log_w.mean()),
+        log_evidence=log_evidence,
+        mass_check=mass,
+        _draws=draws,
+        _resampled=draws.take(index),
+    )
+
+
+def _psis(az: Any, log_w: Tensor) -> tuple[Tensor, float]:
+    """Pareto-smoothed log weights and k-hat (``-inf`` for tied weights: no tail to fit)."""
     finite = torch.isfinite(log_w)
     if not bool(finite.any()):
         raise ValueError(
@@ -805,63 +838,56 @@ def _diagnose(
         # weights are tied (constant weights: the guide is the posterior, to rounding);
         # there is no heavy tail to fit
         khat = -math.inf
-    ess = float(1.0 / torch.exp(2 * smoothed_t).sum())
-    log_evidence, raw_ess = _log_mean_exp_and_ess(log_w)
-    verdict, trustworthy = _verdict(khat)
-    mass, wide_log_w = None, None
-    if widen is not None and isinstance(guide, AutoContinuous):
-        if not (widen > 1 and math.isfinite(widen)):
-            raise ValueError(f"widen must be a finite number above 1 (or None), got {widen!r}")
-        try:
-            wide_log_w = _mass_check(
-                model, guide, args, kwargs, num_samples, widen, parallel, chunk_size
-            )
-        except (RuntimeError, ValueError, NotImplementedError) as error:
-            warnings.warn(
-                f"mass check skipped: scoring the widened proposal with the guide failed ({error})",
-                stacklevel=2,
-            )
-            wide_log_w = None
-    if wide_log_w is not None:
-        wide_evidence, wide_ess = _log_mean_exp_and_ess(wide_log_w)
-        gap = wide_evidence - log_evidence
-        se = math.sqrt(1.0 / max(raw_ess, 1.0) + 1.0 / max(wide_ess, 1.0))
-        significant = gap > max(3 * se, 0.05)
-        mass = MassCheck(
-            factor=float(widen),
-            log_evidence=wide_evidence,
-            gap=gap,
-            standard_error=se,
-            missing_mass=1.0 - math.exp(-gap) if significant else 0.0,
-            significant=significant,
-        )
-        if significant:
-            missed = (
-                f"a proposal {widen:g}x wider than the guide finds {gap:.2f} nats more evidence "
-                f"(+- {se:.2f}): the guide's draws miss about {100 * mass.missing_mass:.0f}% of "
-                "the posterior mass"
-            )
-            if trustworthy:
-                verdict = (
-                    f"do not trust the approximation: {missed} (k-hat {khat:.2f} looks fine "
-                    "only because it cannot see mass where the guide puts no draws). "
-                    "Reparameterise the model, start the guide wider (init_scale), fit longer, "
-                    "or use MCMC."
-                )
-            else:
-                verdict = f"{verdict} Also, {missed}."
-            trustworthy = False
-    index = _systematic_resample(smoothed_t, num_samples, generator)
-    return Diagnosis(
-        log_weights=log_w,
-        smoothed_log_weights=smoothed_t,
-        khat=khat,
-        ess=ess,
-        verdict=verdict,
-        trustworthy=trustworthy,
-        elbo=float(log_w.mean()),
-        log_evidence=log_evidence,
-        mass_check=mass,
-        _draws=draws,
-        _resampled=draws.take(index),
+    return smoothed_t, khat
+
+
+def _mass_record(
+    wide_log_w: Tensor, widen: float, log_evidence: float, raw_ess: float
+) -> MassCheck:
+    """The mass check's numbers: evidence found by the widened proposal against the guide's."""
+    wide_evidence, wide_ess = _log_mean_exp_and_ess(wide_log_w)
+    gap = wide_evidence - log_evidence
+    se = math.sqrt(1.0 / max(raw_ess, 1.0) + 1.0 / max(wide_ess, 1.0))
+    significant = gap > max(3 * se, 0.05)
+    return MassCheck(
+        factor=float(widen),
+        log_evidence=wide_evidence,
+        gap=gap,
+        standard_error=se,
+        missing_mass=1.0 - math.exp(-gap) if significant else 0.0,
+        significant=significant,
     )
+
+
+def _missed_mass_verdict(
+    mass: MassCheck, verdict: str, trustworthy: bool, khat: float
+) -> tuple[str, bool]:
+    """The verdict once the mass check found posterior mass the guide's draws miss."""
+    missed = (
+        f"a proposal {mass.factor:g}x wider than the guide finds {mass.gap:.2f} nats more "
+        f"evidence (+- {mass.standard_error:.2f}): the guide's draws miss about "
+        f"{100 * mass.missing_mass:.0f}% of the posterior mass"
+    )
+    if trustworthy:
+        return (
+            f"do not trust the approximation: {missed} (k-hat {khat:.2f} looks fine "
+            "only because it cannot see mass where the guide puts no draws). "
+            "Reparameterise the model, start the guide wider (init_scale), fit longer, "
+            "or use MCMC."
+        ), False
+    return f"{verdict} Also, {missed}.", False
+
+
+def _widened_log_weights(
+    model: Callable, guide: Callable, args: tuple, kwargs: dict, num_samples: int,
+    widen: float, parallel: bool, chunk_size: int,
+) -> Tensor | None:  # fmt: skip
+    """`_mass_check`'s log weights, or ``None`` with a warning when the guide cannot score them."""
+    try:
+        return _mass_check(model, guide, args, kwargs, num_samples, widen, parallel, chunk_size)
+    except (RuntimeError, ValueError, NotImplementedError) as error:
+        warnings.warn(
+            f"mass check skipped: scoring the widened proposal with the guide failed ({error})",
+            stacklevel=4,
+        )
+        return None
