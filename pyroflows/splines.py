@@ -253,6 +253,58 @@ def _rq_grads(
     return g_v, -g_v, g_wk, g_out, g_hk, g_d0, g_d1
 
 
+def _softmax_numerators(raw: Tensor, raw_bound: float) -> tuple[Tensor, Tensor | None]:
+    """``exp`` of the (bounded) raw widths and heights ``(2, K, ...)``, shifted by their max
+    unless bounded (then within ``+-raw_bound``); also ``tanh(raw / raw_bound)`` if bounded."""
+    e = _out(raw.new_empty(raw.shape))
+    if raw_bound <= 30.0:  # exp of values within +-30 needs no max shift
+        tanh_wh = torch.tanh(raw / raw_bound)
+        return torch.exp(torch.mul(tanh_wh, raw_bound, out=e), out=e), tanh_wh
+    tanh_wh = None
+    if raw_bound != math.inf:
+        tanh_wh = torch.tanh(raw / raw_bound)
+        raw = tanh_wh * raw_bound
+    return torch.exp(torch.sub(raw, raw.amax(1, keepdim=True), out=e), out=e), tanh_wh
+
+
+def _knot_derivatives(
+    raw_d: Tensor,
+    k: int,
+    variant: str,
+    idx: Tensor,
+    index: Tensor,
+    not_last: Tensor,
+    min_derivative: float,
+    raw_bound: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Derivatives ``d0, d1`` at the two knots around each input (bin ``idx``), from the raw
+    values ``raw_d``: gathered, bounded, softplus (``index``: the two knots, as integers).
+    Also what the backward pass needs: the softplus input, the gather index, the mask of
+    learned knots and the bound's tanh."""
+    valid = None
+    if variant == "identity":  # raw_d holds knots 1..k-1; the ends are fixed at 1
+        d_index = (index - 1).clamp_(0, max(k - 2, 0))
+        valid = torch.stack([idx.clamp(max=1.0), not_last])
+    elif variant == "free":  # raw_d holds knots 0..k
+        d_index = index
+    else:  # circular: raw_d holds knots 0..k-1, knot k is knot 0
+        d_index = torch.remainder(index, k)
+    tanh_d = None
+    if raw_d.shape[0]:
+        pre = torch.gather(raw_d, 0, d_index)
+        if raw_bound != math.inf:  # bound the two gathered values only, not every knot's
+            tanh_d = torch.tanh(pre / raw_bound)
+            pre = tanh_d * raw_bound
+        pre = pre.add_(_derivative_shift(min_derivative))
+        d = F.softplus(pre).add_(min_derivative)
+    else:  # a single bin with fixed ends
+        pre = d = torch.ones_like(index, dtype=idx.dtype)
+    if valid is not None:
+        d = d.sub_(1.0).mul_(valid).add_(1.0)
+    d0, d1 = d.unbind(0)
+    return d0, d1, pre, d_index, valid, tanh_d
+
+
 class _RationalQuadratic(torch.autograd.Function):
     """The fused spline: ``(x, theta) -> (y, ladj)`` with ``theta`` of shape ``(P, *x.shape)``.
 
@@ -278,7 +330,6 @@ class _RationalQuadratic(torch.autograd.Function):
         raw_bound: float,
     ) -> tuple[Tensor, Tensor]:
         span = high - low
-        bounded = raw_bound != math.inf
         shape = x.shape
         # Identity tails. Tail points are evaluated at 0 (a safe interior value) and discarded:
         # clamped onto the bound they would sit where the inverse's discriminant cancels.
@@ -296,16 +347,7 @@ class _RationalQuadratic(torch.autograd.Function):
         # Unnormalised softmax of widths and heights together: e (2, K, ...), contiguous.
         # A finite raw_bound first maps each raw value r to raw_bound * tanh(r / raw_bound).
         raw = theta[: 2 * k].unflatten(0, (2, k))
-        e = _out(raw.new_empty(raw.shape))
-        tanh_wh = None
-        if bounded and raw_bound <= 30.0:  # exp of values within +-30 needs no max shift
-            tanh_wh = torch.tanh(raw / raw_bound)
-            e = torch.exp(torch.mul(tanh_wh, raw_bound, out=e), out=e)
-        else:
-            if bounded:
-                tanh_wh = torch.tanh(raw / raw_bound)
-                raw = tanh_wh * raw_bound
-            e = torch.exp(torch.sub(raw, raw.amax(1, keepdim=True), out=e), out=e)
+        e, tanh_wh = _softmax_numerators(raw, raw_bound)
         # Exclusive cumulative sums c[j, s] = sum(e[s, :j]), j = 0..K, of both sides; c[K]
         # is the softmax normaliser z. A loop of slab additions: the bins are few and the
         # batch is wide, where cumsum and small matrix products are slow.
@@ -352,29 +394,9 @@ class _RationalQuadratic(torch.autograd.Function):
         x_k, y_k = start.unbind(0)
         w_k, h_k = size.unbind(0)
 
-        # Derivatives at the two knots: gather the raw values, then softplus.
-        raw_d = theta[2 * k :]
-        valid = None
-        if variant == "identity":  # raw_d holds knots 1..k-1; the ends are fixed at 1
-            d_index = (index - 1).clamp_(0, max(k - 2, 0))
-            valid = torch.stack([idx.clamp(max=1.0), not_last])
-        elif variant == "free":  # raw_d holds knots 0..k
-            d_index = index
-        else:  # circular: raw_d holds knots 0..k-1, knot k is knot 0
-            d_index = torch.remainder(index, k)
-        tanh_d = None
-        if raw_d.shape[0]:
-            pre = torch.gather(raw_d, 0, d_index)
-            if bounded:  # bound the two gathered values only, not every knot's
-                tanh_d = torch.tanh(pre / raw_bound)
-                pre = tanh_d * raw_bound
-            pre = pre.add_(_derivative_shift(min_derivative))
-            d = F.softplus(pre).add_(min_derivative)
-        else:  # a single bin with fixed ends
-            pre = d = torch.ones_like(knots)
-        if valid is not None:
-            d = d.sub_(1.0).mul_(valid).add_(1.0)
-        d0, d1 = d.unbind(0)
+        d0, d1, pre, d_index, valid, tanh_d = _knot_derivatives(
+            theta[2 * k :], k, variant, idx, index, not_last, min_derivative, raw_bound
+        )
 
         out, ladj, saved = _rq_values(v, x_k, w_k, y_k, h_k, d0, d1, inverse)
         if inverse:
