@@ -766,7 +766,10 @@ def _builder_text(spec: Any) -> str | None:
     return f"{spec.get('builder')}({', '.join(f'{k}={_text(v)}' for k, v in args.items())})"
 
 
-def _bounds(state: Mapping[str, torch.Tensor], prefix: str, kinds: list[str]):
+def _bounds(
+    state: Mapping[str, torch.Tensor], prefix: str, kinds: list[str]
+) -> list[tuple[float, float]]:
+    """Per-column (low, high) of the SupportMap among the maps ``kinds`` (empty without one)."""
     if "SupportMap" not in kinds:
         return []
     i = kinds.index("SupportMap")
