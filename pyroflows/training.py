@@ -32,9 +32,9 @@ import torch
 import torch.distributed as torch_dist
 from torch import Tensor, nn
 
+from .checks import is_int, is_real
 from .distribution import Flow
 from .transforms.preprocessing import Standardize, SupportMap
-from .utils import is_int, is_real
 
 __all__ = ["fit", "FitHistory", "as_data_tensor", "is_main_process", "find_bad_rows"]
 

@@ -1,31 +1,13 @@
-"""Small helpers shared by the library, its command line, examples and benchmarks."""
+"""The thread-count context manager shared by the command line, examples and benchmarks."""
 
 from __future__ import annotations
 
 import contextlib
-import math
-import numbers
 from collections.abc import Iterator
-from typing import Any
 
-import numpy as np
 import torch
 
-__all__ = ["torch_threads", "is_int", "is_real"]
-
-
-def is_int(value: Any) -> bool:
-    """Whether ``value`` is an integer (Python or NumPy), not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
-
-
-def is_real(value: Any) -> bool:
-    """Whether ``value`` is a finite real number (Python or NumPy), not a bool."""
-    return (
-        isinstance(value, numbers.Real)
-        and not isinstance(value, bool | np.bool_)
-        and math.isfinite(value)
-    )
+__all__ = ["torch_threads"]
 
 
 @contextlib.contextmanager

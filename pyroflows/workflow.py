@@ -34,7 +34,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
-from .utils import is_int, is_real
+from .checks import is_int, is_real
 
 if TYPE_CHECKING:
     from arviz import InferenceData

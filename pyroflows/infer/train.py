@@ -21,7 +21,7 @@ from pyro.poutine.messenger import Messenger
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..utils import is_int
+from ..checks import is_int
 
 __all__ = ["train_guide", "GuideTraining"]
 
