@@ -4,25 +4,12 @@ Layers map base to data (``x = f(z)``, Pyro's convention) and are Pyro
 ``TransformModule``s; `Flow` turns a stack of them into a distribution.
 """
 
-from . import conditioners, datasets, flows, infer, plot, splines, transformers
+from . import conditioners, datasets, flows, infer, plot, splines, transformers, transforms
 from .distribution import DiagNormal, Flow, FlowDistribution
 from .infer import AutoFlow, GuideTraining, train_guide
 from .io import ModelFileError, load, save
 from .training import FitHistory, fit
-from .transforms import (
-    ActNorm,
-    Autoregressive,
-    Coupling,
-    FlowModule,
-    FlowTransform,
-    Inverse,
-    LULinear,
-    Permute,
-    Precondition,
-    Reverse,
-    Standardize,
-    SupportMap,
-)
+from .transforms import *  # noqa: F403 (the layers: listed once, in transforms.__all__)
 from .workflow import Diagnosis, diagnose, to_inference_data
 
 __version__ = "0.1.0"
@@ -32,18 +19,7 @@ __all__ = [
     "Flow",
     "FlowDistribution",
     "DiagNormal",
-    "FlowTransform",
-    "FlowModule",
-    "Inverse",
-    "Coupling",
-    "Autoregressive",
-    "Permute",
-    "Reverse",
-    "LULinear",
-    "ActNorm",
-    "Precondition",
-    "Standardize",
-    "SupportMap",
+    *transforms.__all__,
     "fit",
     "diagnose",
     "Diagnosis",
@@ -62,4 +38,5 @@ __all__ = [
     "flows",
     "splines",
     "transformers",
+    "transforms",
 ]

@@ -9,6 +9,11 @@ provided:
   context), optionally with masked residual blocks. Used by autoregressive layers.
 
 Both zero-initialise their last layer by default, so the transformer starts at the identity.
+Both return ``(..., out_features)``; the structures read a flat output as the ``P``
+parameters of each transformed feature in turn. For a 2-D input ``(N, in)`` both compute
+their last layer as ``W @ h.T`` and return the transpose of that ``(out, N)`` product: the
+same values, laid out so that each output is contiguous over the batch, which lets the
+structures hand each parameter to the transformer as a slab without a copy.
 
 Both see a bounded copy of their input: each value (context included) is clamped to
 ``[-INPUT_LIMIT, INPUT_LIMIT]`` (1e6, far outside any spline interval or standardised data).
@@ -21,8 +26,8 @@ Example:
     >>> import torch
     >>> from pyroflows.conditioners import MADE
     >>> net = MADE(3, num_params=2, hidden_dims=(16,), zero_init=False)
-    >>> net(torch.randn(5, 3)).shape
-    torch.Size([5, 3, 2])
+    >>> net(torch.randn(5, 3)).shape  # the 2 parameters of feature 0, then of 1, then of 2
+    torch.Size([5, 6])
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MLP", "MADE", "MaskedLinear", "join_context", "INPUT_LIMIT"]
+from .checks import check_int
+
+__all__ = ["MLP", "MADE", "MaskedLinear", "join_context", "check_order", "INPUT_LIMIT"]
 
 #: Conditioner inputs are clamped to ``[-INPUT_LIMIT, INPUT_LIMIT]`` (see the module docstring).
 INPUT_LIMIT = 1e6
@@ -46,11 +53,7 @@ def _bounded(h: Tensor) -> Tensor:
 
 
 def _linear_transposed(layer: nn.Linear, h: Tensor) -> Tensor:
-    """``layer(h).T`` computed as ``W @ h.T``: shape ``(out_features, N)`` for ``h`` ``(N, in)``.
-
-    Flow layers read a conditioner's output parameter by parameter, batch innermost; computing
-    the last layer transposed gives that layout without a copy.
-    """
+    """``layer(h).T`` computed as ``W @ h.T``: shape ``(out_features, N)`` for ``h`` ``(N, in)``."""
     weight = layer.weight * layer.mask if isinstance(layer, MaskedLinear) else layer.weight
     if layer.bias is None:
         return weight @ h.t()
@@ -64,6 +67,14 @@ def _forward_transposed(net: nn.Module, h: Tensor) -> Tensor:
     for layer in list(net)[:-1]:
         h = layer(h)
     return _linear_transposed(net[-1], h)
+
+
+def _run(net: nn.Module, x: Tensor, context: Tensor | None) -> Tensor:
+    """``net`` on the bounded ``x ⊕ context``; batch innermost in memory for 2-D inputs."""
+    h = _bounded(join_context(x, context))
+    if h.dim() == 2:
+        return _forward_transposed(net, h).t()
+    return net(h)
 
 
 def join_context(x: Tensor, context: Tensor | None) -> Tensor:
@@ -130,9 +141,6 @@ class MLP(nn.Module):
         super().__init__()
         hidden_dims = _check_dims(hidden_dims)
         self.context_features = context_features
-        #: For 2-D inputs, compute the output as ``(W @ h.T).T``: same values, but each output
-        #: feature is contiguous over the batch (how `Coupling` reads its parameters).
-        self.batch_innermost = False
         sizes = (in_features + context_features, *hidden_dims, out_features)
         if sizes[0] == 0:  # nothing to condition on (e.g. a 1-D coupling without context)
             self.net = _Bias(out_features, zero_init)
@@ -149,10 +157,7 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """Evaluate on ``x`` (shape ``(..., in_features)``) and an optional context."""
-        h = _bounded(join_context(x, context))
-        if self.batch_innermost and h.dim() == 2:
-            return _forward_transposed(self.net, h).t()
-        return self.net(h)
+        return _run(self.net, x, context)
 
 
 class MaskedLinear(nn.Linear):
@@ -181,9 +186,10 @@ class _MaskedResidualBlock(nn.Module):
 class MADE(nn.Module):
     """Masked autoregressive network with optional context and residual blocks.
 
-    The output has shape ``(..., features, num_params)``; the parameters of feature ``i``
-    depend only on inputs ``j`` with ``rank[j] < rank[i]`` (and on the context), where
-    ``rank`` is the position of each feature in ``order``.
+    The output has shape ``(..., features * num_params)``: the parameters of feature 0, then
+    of feature 1, and so on. The parameters of feature ``i`` depend only on inputs ``j`` with
+    ``rank[j] < rank[i]`` (and on the context), where ``rank`` is the position of each
+    feature in ``order``.
 
     Args:
         features: number of input features ``D``.
@@ -211,70 +217,79 @@ class MADE(nn.Module):
     ):
         super().__init__()
         hidden_dims = _check_dims(hidden_dims)
-        if features < 1:
-            raise ValueError(f"features must be >= 1, got {features}")
+        check_int("features", features)
+        check_int("num_params", num_params)
+        check_int("context_features", context_features, low=0)
         if residual and len(set(hidden_dims)) != 1:
             raise ValueError(f"residual blocks need equal hidden_dims, got {hidden_dims}")
-        if order is None:
-            order = torch.arange(features)
-        else:  # indexes the degrees below, which live on the CPU while the network is built
-            order = torch.as_tensor(order, device="cpu").long()
-        if sorted(order.tolist()) != list(range(features)):
-            raise ValueError(
-                f"order must be a permutation of range({features}), got {order.tolist()}"
-            )
+        order = check_order(order, features)
         self.features, self.num_params = features, num_params
         self.context_features = context_features
-        #: Lay the output out parameter-first in memory (see `forward`); set by the layers
-        #: whose transformer reads its parameters that way (the splines).
-        self.batch_innermost = False
         self.register_buffer("order", order.clone())
-
-        # Degrees: input feature order[k] has degree k + 1; a unit of degree m may see inputs of
-        # degree <= m; output of feature with degree m sees hidden units of degree < m.
-        in_deg = torch.empty(features, dtype=torch.long)
-        in_deg[order] = torch.arange(1, features + 1)
-        in_deg = torch.cat([in_deg, in_deg.new_zeros(context_features)])  # context: degree 0
-        if context_features:  # degree-0 units see only the context, so feature 1 can too
-            degs = [torch.arange(h) % features for h in hidden_dims]
-        else:
-            degs = [
-                torch.arange(h) % max(features - 1, 1) + min(1, features - 1) for h in hidden_dims
-            ]
-
-        def mask(d_out: Tensor, d_in: Tensor, strict: bool = False) -> Tensor:
-            return (d_out[:, None] > d_in[None, :]) if strict else (d_out[:, None] >= d_in[None, :])
-
         if features == 1 and not context_features:  # nothing to condition on
             self.net = _Bias(num_params, zero_init)
             return
-        layers: list[nn.Module] = [MaskedLinear(mask(degs[0], in_deg))]
-        if residual:
-            layers += [_MaskedResidualBlock(mask(d, d), activation) for d in degs]
-            layers.append(_activation(activation))
-        else:
-            for d_prev, d in zip(degs[:-1], degs[1:], strict=False):
-                layers += [_activation(activation), MaskedLinear(mask(d, d_prev))]
-            layers.append(_activation(activation))
+        in_deg, degs = _made_degrees(order, hidden_dims, context_features)
         out_deg = in_deg[:features].repeat_interleave(num_params)
-        layers.append(MaskedLinear(mask(out_deg, degs[-1], strict=True)))
-        self.net = nn.Sequential(*layers)
+        self.net = _masked_network(in_deg, degs, out_deg, residual, activation)
         if zero_init:
             nn.init.zeros_(self.net[-1].weight)
             nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        """Parameters of shape ``x.shape[:-1] + (features, num_params)``.
+        """Parameters of shape ``x.shape[:-1] + (features * num_params,)``."""
+        return _run(self.net, x, context)
 
-        With ``batch_innermost`` set, the result is a view laid out parameter-first in memory
-        (the last layer runs as ``W @ h.T``): for each parameter, the values of all features
-        and batch elements are contiguous, with the batch innermost, which is how
-        `Autoregressive` feeds a spline.
-        """
-        h = _bounded(join_context(x, context))
-        if not self.batch_innermost:
-            return self.net(h).unflatten(-1, (self.features, self.num_params))
-        batch = h.shape[:-1]
-        out = _forward_transposed(self.net, h.reshape(-1, h.shape[-1]))  # (D * P, N)
-        out = out.view(self.features, self.num_params, -1).permute(2, 0, 1)
-        return out.view(batch + (self.features, self.num_params))
+
+def check_order(order: Sequence[int] | Tensor | None, features: int) -> Tensor:
+    """``order`` as a CPU ``long`` tensor (default ``0, ..., features - 1``), checked to be a
+    permutation of ``range(features)``."""
+    if order is None:
+        return torch.arange(features)
+    order = torch.as_tensor(order, device="cpu").long()  # indexes CPU tensors while building
+    if sorted(order.tolist()) != list(range(features)):
+        raise ValueError(f"order must be a permutation of range({features}), got {order.tolist()}")
+    return order
+
+
+def _made_degrees(
+    order: Tensor, hidden_dims: tuple[int, ...], context_features: int
+) -> tuple[Tensor, list[Tensor]]:
+    """The degrees of a MADE's inputs (features, then context) and of its hidden units.
+
+    Input feature ``order[k]`` has degree ``k + 1`` and the context degree 0. A unit of
+    degree ``m`` may see inputs of degree ``<= m``, and the outputs of a feature of degree
+    ``m`` see hidden units of degree ``< m``.
+    """
+    features = len(order)
+    in_deg = torch.empty(features, dtype=torch.long)
+    in_deg[order] = torch.arange(1, features + 1)
+    in_deg = torch.cat([in_deg, in_deg.new_zeros(context_features)])
+    if context_features:  # degree-0 units see only the context, so feature 1 can too
+        return in_deg, [torch.arange(h) % features for h in hidden_dims]
+    low = min(1, features - 1)
+    return in_deg, [torch.arange(h) % max(features - 1, 1) + low for h in hidden_dims]
+
+
+def _sees(d_out: Tensor, d_in: Tensor, strict: bool = False) -> Tensor:
+    """The mask of a layer whose units of degree ``d_out`` see inputs of degree ``d_in``."""
+    return (d_out[:, None] > d_in[None, :]) if strict else (d_out[:, None] >= d_in[None, :])
+
+
+def _masked_network(
+    in_deg: Tensor,
+    degs: list[Tensor],
+    out_deg: Tensor,
+    residual: bool,
+    activation: Callable[[], nn.Module],
+) -> nn.Sequential:
+    """The MADE's layers: input -> hidden (plain or residual blocks) -> output."""
+    layers: list[nn.Module] = [MaskedLinear(_sees(degs[0], in_deg))]
+    if residual:
+        layers += [_MaskedResidualBlock(_sees(d, d), activation) for d in degs]
+    else:
+        for d_prev, d in zip(degs[:-1], degs[1:], strict=True):
+            layers += [_activation(activation), MaskedLinear(_sees(d, d_prev))]
+    layers.append(_activation(activation))
+    layers.append(MaskedLinear(_sees(out_deg, degs[-1], strict=True)))
+    return nn.Sequential(*layers)

@@ -49,16 +49,11 @@ import torch
 from . import flows as _flows
 from .distribution import DiagNormal, Flow
 from .files import atomic_write
+from .transforms import LAYER_TYPES as LAYER_TYPE_LIST
 from .transforms import (
-    ActNorm,
-    Autoregressive,
-    Coupling,
     FlowModule,
     Inverse,
-    LULinear,
-    Permute,
     Precondition,
-    Reverse,
     Standardize,
     SupportMap,
 )
@@ -93,21 +88,7 @@ _FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 _FLOAT_DTYPES |= {"float32": torch.float32, "float64": torch.float64}
 
 #: Every layer type a model file may contain, by name.
-LAYER_TYPES: dict[str, type[FlowModule]] = {
-    cls.__name__: cls
-    for cls in (
-        Autoregressive,
-        Coupling,
-        ActNorm,
-        LULinear,
-        Permute,
-        Reverse,
-        Precondition,
-        Standardize,
-        SupportMap,
-        Inverse,
-    )
-}
+LAYER_TYPES: dict[str, type[FlowModule]] = {cls.__name__: cls for cls in LAYER_TYPE_LIST}
 _FIXED = {"Standardize": Standardize, "SupportMap": SupportMap}
 _BUILDERS = {name: getattr(_flows, name) for name in _flows.__all__}
 

@@ -335,8 +335,9 @@ def check_jacobian_structure(layer: FlowModule, t: FlowTransform, x: Tensor) -> 
         if not torch.equal(rows, eye.index_select(0, idx).expand_as(rows)):
             raise AssertionError("coupling: pass-through rows of the Jacobian are not identity")
     elif isinstance(base, Autoregressive):
-        rank = torch.empty_like(base.conditioner.order)
-        rank[base.conditioner.order] = torch.arange(d, device=rank.device)
+        order = base.order.to(jac.device)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(d, device=rank.device)
         later = rank[None, :] > rank[:, None]  # [i, j]: j comes after i
         if bool((jac[..., later] != 0).any()):
             raise AssertionError("autoregressive: output depends on later features")

@@ -1,13 +1,16 @@
 """Transformers: elementwise bijections built from raw parameter tensors.
 
 A transformer is the elementwise half of a flow layer. It owns no learnable state: a
-conditioner network produces a tensor ``params`` of shape ``x.shape + (num_params,)`` and the
-transformer maps ``x`` elementwise with it. Structures (`Coupling`,
-`Autoregressive`) accept any transformer, so a new elementwise map written
-here works in every structure at once.
+conditioner network produces the raw parameters and the transformer maps ``x`` elementwise
+with them. Structures (`Coupling`, `Autoregressive`) accept any transformer, so a new
+elementwise map written here works in every structure at once.
 
-Conventions:
+The calling convention (one for every transformer and every structure):
 
+* ``params`` holds the parameters **first**: shape ``(num_params, *x.shape)`` (the trailing
+  dimensions broadcast with ``x``), so ``params[k]`` is the ``k``-th parameter of every
+  element. The structures hand over a view of their conditioner's output in this layout
+  without a copy, and the spline kernel reads it as it is.
 * ``forward(params, x)`` returns ``(y, log|dy/dx|)`` elementwise; ``inverse(params, y)``
   returns ``(x, log|dx/dy|)``; all outputs have the shape of the input.
 * All-zero parameters give the identity, so a zero-initialised conditioner makes the layer
@@ -18,7 +21,7 @@ Example:
     >>> from pyroflows.transformers import Affine
     >>> t = Affine()
     >>> x = torch.randn(4, 3)
-    >>> y, ladj = t.forward(torch.zeros(4, 3, t.num_params), x)
+    >>> y, ladj = t.forward(torch.zeros(t.num_params, 4, 3), x)
     >>> bool(torch.equal(x, y)), bool((ladj == 0).all())
     (True, True)
 """
@@ -50,32 +53,31 @@ __all__ = [
 
 
 class Transformer(ABC):
-    """An elementwise bijection parameterised by ``num_params`` numbers per element."""
+    """An elementwise bijection parameterised by ``num_params`` numbers per element.
+
+    Subclasses implement `forward` and `inverse`; both take ``params`` of shape
+    ``(num_params, *x.shape)`` (see the module docstring) and may call `checked` first.
+    """
 
     #: Number of raw parameters each element needs.
     num_params: int
-    #: Whether `call_params_first` is this transformer's fast path, so that the structures
-    #: should have their conditioners produce parameter-first (batch innermost) outputs.
-    prefers_params_first: bool = False
 
     @abstractmethod
     def forward(self, params: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Map ``x`` with ``params`` (shape ``x.shape + (num_params,)``); return ``(y, ladj)``."""
+        """Map ``x`` with ``params`` (shape ``(num_params, *x.shape)``); return ``(y, ladj)``."""
 
     @abstractmethod
     def inverse(self, params: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Invert `forward`; return ``(x, log|dx/dy|)``."""
 
-    def call_params_first(self, theta: Tensor, v: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-        """`forward` or `inverse` with parameters first: ``theta`` is ``(num_params, *v.shape)``.
-
-        This is how `Coupling` and `Autoregressive` call a transformer: their conditioners
-        produce each parameter as a contiguous slab, batch innermost. The default moves the
-        parameter dimension last (a view) and calls `forward`/`inverse`; transformers whose
-        parameters feed a fused kernel (the splines) take ``theta`` as it is.
-        """
-        params = theta.movedim(0, -1)
-        return self.inverse(params, v) if inverse else self.forward(params, v)
+    def checked(self, params: Tensor) -> Tensor:
+        """``params``, after checking that it holds ``num_params`` parameters first."""
+        if params.dim() == 0 or params.shape[0] != self.num_params:
+            raise ValueError(
+                f"{type(self).__name__} needs its {self.num_params} parameters first, got "
+                f"params of shape {tuple(params.shape)} (expected ({self.num_params}, *x.shape))"
+            )
+        return params
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
@@ -118,16 +120,12 @@ class Affine(Transformer):
         return torch.addcmul(shift, torch.exp(log_scale), v), log_scale.expand_as(v)
 
     def forward(self, params: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-        shift, raw = params.unbind(-1)
+        shift, raw = self.checked(params).unbind(0)
         return self._map(shift, raw, x, inverse=False)
 
     def inverse(self, params: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        shift, raw = params.unbind(-1)
+        shift, raw = self.checked(params).unbind(0)
         return self._map(shift, raw, y, inverse=True)
-
-    def call_params_first(self, theta: Tensor, v: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-        shift, raw = theta.unbind(0)  # slabs: their gradients stack back parameter-first
-        return self._map(shift, raw, v, inverse)
 
 
 class Additive(Transformer):
@@ -136,16 +134,12 @@ class Additive(Transformer):
     num_params = 1
 
     def forward(self, params: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-        y = x + params.squeeze(-1)
+        y = x + self.checked(params)[0]
         return y, torch.zeros_like(y)
 
     def inverse(self, params: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        x = y - params.squeeze(-1)
+        x = y - self.checked(params)[0]
         return x, torch.zeros_like(x)
-
-    def call_params_first(self, theta: Tensor, v: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-        out = v - theta[0] if inverse else v + theta[0]
-        return out, torch.zeros_like(out)
 
 
 #: Default soft bound on the raw spline parameters (see `pyroflows.splines`).
@@ -181,16 +175,15 @@ class _SplineBase(Transformer):
         return 3 * self.count_bins + self._extra_derivatives
 
     _variant: str  # the variant of `pyroflows.splines.packed_spline`
-    prefers_params_first = True
 
     def _interval(self) -> tuple[float, float]:
         raise NotImplementedError
 
-    def call_params_first(self, theta: Tensor, v: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+    def _map(self, params: Tensor, v: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         low, high = self._interval()
         return packed_spline(
             v,
-            theta,
+            self.checked(params),
             count_bins=self.count_bins,
             variant=self._variant,
             low=low,
@@ -202,19 +195,11 @@ class _SplineBase(Transformer):
             raw_bound=self.raw_bound,
         )
 
-    def _checked(self, params: Tensor) -> Tensor:
-        if params.dim() == 0 or params.shape[-1] != self.num_params:
-            raise ValueError(
-                f"{type(self).__name__} needs {self.num_params} parameters per element, got "
-                f"params of shape {tuple(params.shape)}"
-            )
-        return params.movedim(-1, 0)
-
     def forward(self, params: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.call_params_first(self._checked(params), x, inverse=False)
+        return self._map(params, x, inverse=False)
 
     def inverse(self, params: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        return self.call_params_first(self._checked(params), y, inverse=True)
+        return self._map(params, y, inverse=True)
 
 
 class RationalQuadraticSpline(_SplineBase):

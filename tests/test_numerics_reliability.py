@@ -237,7 +237,7 @@ def test_conditioners_give_finite_parameters_for_huge_inputs(net):
 def test_bounded_spline_outside_its_interval_has_zero_density_both_ways():
     t = BoundedRationalQuadraticSpline(5, low=-1.0, high=2.0)
     g = torch.Generator().manual_seed(0)
-    params = torch.randn(4, t.num_params, generator=g, requires_grad=True)
+    params = torch.randn(t.num_params, 4, generator=g, requires_grad=True)
     x = torch.tensor([-1.5, 0.5, 2.5, 1e30])
     y, ladj = t.forward(params, x)
     z, ladj_inv = t.inverse(params, x)
@@ -253,8 +253,8 @@ def test_bounded_spline_outside_its_interval_has_zero_density_both_ways():
 def _round_trip_error(t, raw_scale: float, span: tuple[float, float]) -> tuple[float, float]:
     g = torch.Generator().manual_seed(1)
     n = 20_000
-    params = torch.randn(n, t.num_params, generator=g, dtype=F64) * raw_scale
-    params[::2] = params[::2].sign() * raw_scale  # extreme values: the worst case
+    params = torch.randn(t.num_params, n, generator=g, dtype=F64) * raw_scale
+    params[:, ::2] = params[:, ::2].sign() * raw_scale  # extreme values: the worst case
     low, high = span
     x = low + (high - low) * (0.001 + 0.998 * torch.rand(n, generator=g, dtype=F64))
     y, ladj = t.forward(params.float(), x.float())
@@ -286,7 +286,7 @@ def test_unbounded_raw_parameters_do_lose_the_round_trip():
 def test_raw_bound_keeps_the_identity_and_is_checked():
     t = RationalQuadraticSpline(8)
     x = torch.linspace(-6, 6, 50)
-    y, ladj = t.forward(torch.zeros(50, t.num_params), x)
+    y, ladj = t.forward(torch.zeros(t.num_params, 50), x)
     assert torch.allclose(y, x, atol=1e-6) and ladj.abs().max() < 1e-6
     for bad in (0.0, -1.0, math.nan, True):
         with pytest.raises(ValueError, match="raw_bound"):

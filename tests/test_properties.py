@@ -260,6 +260,10 @@ def test_registry_covers_every_exported_layer():
         for obj in vars(pyroflows.transforms).values()
         if inspect.isclass(obj) and issubclass(obj, FlowModule) and not inspect.isabstract(obj)
     }
+    assert set(pyroflows.transforms.LAYER_TYPES) == exported
+    assert {name: getattr(pyroflows, name) for name in pyroflows.transforms.__all__} == {
+        name: getattr(pyroflows.transforms, name) for name in pyroflows.transforms.__all__
+    }
     covered = {type(spec.build(D, C if spec.conditional else 0)) for spec in LAYERS.values()}
     assert exported - covered == set(), f"layers missing from the registry: {exported - covered}"
 

@@ -8,9 +8,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..conditioners import MADE
+from ..conditioners import MADE, check_order
 from ..transformers import Transformer
-from .base import FlowModule, FlowTransform, broadcast_context, check_context, check_event
+from .base import (
+    BoundTransform,
+    FlowModule,
+    FlowTransform,
+    as_rows,
+    check_context,
+    check_sizes,
+    parameters_first,
+)
 from .config import decode_network_args, encode_activation, encode_transformer
 
 __all__ = ["Autoregressive"]
@@ -43,6 +51,14 @@ class Autoregressive(FlowModule):
         invert: choose the cheap direction (see above); ``False`` is IAF, ``True`` is MAF.
         residual: use masked residual blocks in the MADE.
         activation: activation of the MADE.
+        conditioner: a custom autoregressive network replacing the MADE: ``net(v, context)``
+            maps rows ``(N, D)`` (and ``(N, C)`` contexts, or ``None``) to
+            ``(N, D * num_params)``, the parameters of feature 0, then of feature 1, and so
+            on, where the parameters of feature ``i`` depend only on the features before it
+            in the network's order. The layer cannot check that;
+            `pyroflows.testing.check_jacobian_structure` can. With a custom conditioner,
+            ``order`` names the network's order and ``hidden_dims``, ``residual`` and
+            ``activation`` are not used.
 
     Example:
         >>> import torch
@@ -66,27 +82,34 @@ class Autoregressive(FlowModule):
         invert: bool = False,
         residual: bool = False,
         activation: Callable[[], nn.Module] = nn.ReLU,
+        conditioner: nn.Module | None = None,
     ):
         super().__init__()
-        if input_dim < 1:
-            raise ValueError(f"input_dim must be >= 1, got {input_dim}")
-        if context_dim < 0:
-            raise ValueError(f"context_dim must be >= 0, got {context_dim}")
+        check_sizes(input_dim, context_dim)
         self.input_dim, self.context_dim = input_dim, context_dim
         self.transformer = transformer
         self.invert = bool(invert)
         self.hidden_dims, self.residual = tuple(hidden_dims), bool(residual)
         self.activation = activation
-        self.conditioner = MADE(
-            input_dim,
-            transformer.num_params,
-            hidden_dims,
-            context_features=context_dim,
-            order=order,
-            residual=residual,
-            activation=activation,
-        )
-        self.conditioner.batch_innermost = transformer.prefers_params_first
+        self.custom_conditioner = conditioner is not None
+        if conditioner is not None:
+            self._custom_order = check_order(order, input_dim)
+        else:
+            conditioner = MADE(
+                input_dim,
+                transformer.num_params,
+                hidden_dims,
+                context_features=context_dim,
+                order=order,
+                residual=residual,
+                activation=activation,
+            )
+        self.conditioner = conditioner
+
+    @property
+    def order(self) -> Tensor:
+        """The autoregressive order: feature ``order[k]`` is the ``k``-th to be transformed."""
+        return self._custom_order if self.custom_conditioner else self.conditioner.order
 
     def extra_repr(self) -> str:
         return (
@@ -99,12 +122,16 @@ class Autoregressive(FlowModule):
         return _AutoregressiveTransform(self, context)
 
     def get_config(self) -> dict[str, Any]:
+        if self.custom_conditioner:
+            raise TypeError(
+                "an Autoregressive layer with a custom conditioner cannot be saved by config"
+            )
         return {
             "input_dim": self.input_dim,
             "transformer": encode_transformer(self.transformer),
             "context_dim": self.context_dim,
             "hidden_dims": list(self.hidden_dims),
-            "order": self.conditioner.order.tolist(),
+            "order": self.order.tolist(),
             "invert": self.invert,
             "residual": self.residual,
             "activation": encode_activation(self.activation),
@@ -115,40 +142,23 @@ class Autoregressive(FlowModule):
         return cls(**decode_network_args(config))
 
 
-class _AutoregressiveTransform(FlowTransform):
-    def __init__(self, layer: Autoregressive, context: Tensor | None):
-        super().__init__()
-        self.layer, self.context = layer, context
-
-    def _rows(self, v: Tensor) -> tuple[Tensor, Tensor | None, torch.Size]:
-        """``v`` and the context as rows ``(N, D)``/``(N, C)``, and the batch shape."""
-        check_event(v, self.layer.input_dim)
-        v, context = broadcast_context(v, self.context)
-        batch = v.shape[:-1]
-        rows = v.reshape(-1, self.layer.input_dim)
-        if context is not None:
-            context = context.reshape(-1, context.shape[-1])
-        return rows, context, batch
+class _AutoregressiveTransform(BoundTransform):
+    layer: Autoregressive
 
     def _step(
         self, source: Tensor, target: Tensor, context: Tensor | None, inverse: bool
     ) -> tuple[Tensor, Tensor]:
         """Transform ``target`` (rows) with parameters computed from ``source`` (rows).
 
-        For a transformer that prefers it (the splines), the MADE writes each parameter as a
-        contiguous ``(D, N)`` slab and the transformer works on ``(D, N)`` columns; others
-        (affine maps, two parameters) work on rows, where the network's matrix products are
-        fastest. Either way the results come back as rows and ``(N,)`` log-dets.
+        The transformer works on ``(D, N)`` columns, like each slab of the parameters; the
+        result comes back as rows (a transposed view) and ``(N,)`` log-dets.
         """
-        layer = self.layer
+        layer, transformer = self.layer, self.layer.transformer
         params = layer.conditioner(source, context)
-        if not layer.transformer.prefers_params_first:  # rows, parameters last
-            step = layer.transformer.inverse if inverse else layer.transformer.forward
-            out, ladj = step(params, target)
-            return out, ladj.sum(-1)
-        theta = params.permute(2, 1, 0)  # (P, D, N): a view of the MADE's output, no copy
-        # Columns (D, N): free when the input came from a previous layer as a transposed view.
-        out, ladj = layer.transformer.call_params_first(theta, target.t().contiguous(), inverse)
+        theta = parameters_first(params, layer.input_dim, transformer.num_params)
+        step = transformer.inverse if inverse else transformer.forward
+        # Columns: free when the input came from a previous layer as a transposed view.
+        out, ladj = step(theta, target.t().contiguous())
         return out.t(), ladj.sum(0)
 
     def _solve(self, u: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
@@ -158,21 +168,15 @@ class _AutoregressiveTransform(FlowTransform):
             v, ladj = self._step(v, u, context, inverse)
         return v, ladj
 
-    def _apply(self, v: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-        rows, context, batch = self._rows(v)
+    def apply(self, v: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        rows, context, batch = as_rows(v, self.context, self.layer.input_dim)
         if self.layer.invert != inverse:  # parameters come from the output: D passes
             out, ladj = self._solve(rows, context, inverse)
         else:  # parameters come from the input: one pass
             out, ladj = self._step(rows, rows, context, inverse)
         return out.reshape(batch + (self.layer.input_dim,)), ladj.reshape(batch)
 
-    def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self._apply(x, inverse=False)
-
-    def inv_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        return self._apply(y, inverse=True)
-
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
-        rows, context, batch = self._rows(x)
-        source = self._rows(y)[0] if self.layer.invert else rows
+        rows, context, batch = as_rows(x, self.context, self.layer.input_dim)
+        source = as_rows(y, self.context, self.layer.input_dim)[0] if self.layer.invert else rows
         return self._step(source, rows, context, inverse=False)[1].reshape(batch)

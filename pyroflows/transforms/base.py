@@ -23,7 +23,20 @@ from pyro.distributions.conditional import ConditionalTransformModule
 from torch import Tensor
 from torch.distributions import Transform, constraints
 
-__all__ = ["FlowTransform", "FlowModule", "ContextFree", "Inverse", "check_event", "check_context"]
+from ..checks import check_int
+
+__all__ = [
+    "FlowTransform",
+    "FlowModule",
+    "BoundTransform",
+    "ContextFree",
+    "Inverse",
+    "check_event",
+    "check_context",
+    "check_sizes",
+    "as_rows",
+    "parameters_first",
+]
 
 
 def check_event(x: Tensor, input_dim: int, what: str = "input") -> None:
@@ -67,6 +80,45 @@ def broadcast_context(x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor
             f"the input batch shape {tuple(x.shape[:-1])}"
         ) from None
     return x.expand(shape + x.shape[-1:]), context.expand(shape + context.shape[-1:])
+
+
+def check_sizes(input_dim: int, context_dim: int) -> None:
+    """Raise a `ValueError` unless ``input_dim >= 1`` and ``context_dim >= 0`` (integers)."""
+    check_int("input_dim", input_dim)
+    check_int("context_dim", context_dim, low=0)
+
+
+def as_rows(
+    v: Tensor, context: Tensor | None, input_dim: int
+) -> tuple[Tensor, Tensor | None, torch.Size]:
+    """Check ``v``, broadcast it with ``context`` and flatten both to rows.
+
+    Returns ``v`` as ``(N, input_dim)``, the context as ``(N, C)`` (or ``None``) and the batch
+    shape to restore the results with.
+    """
+    check_event(v, input_dim)
+    v, context = broadcast_context(v, context)
+    batch = v.shape[:-1]
+    rows = v.reshape(-1, input_dim)
+    if context is not None:
+        context = context.reshape(-1, context.shape[-1])
+    return rows, context, batch
+
+
+def parameters_first(params: Tensor, features: int, num_params: int) -> Tensor:
+    """A conditioner's output as a transformer's parameters: ``(N, F * P)`` -> ``(P, F, N)``.
+
+    The output holds the ``P`` parameters of feature 0, then of feature 1, and so on (what
+    `MLP` and `MADE` emit). The result is a view: the built-in conditioners compute their
+    last layer as ``W @ h.T``, so each parameter's ``(F, N)`` slab is contiguous over the
+    batch, which is the layout the spline kernel reads fastest.
+    """
+    if params.dim() != 2 or params.shape[1] != features * num_params:
+        raise ValueError(
+            f"the conditioner must return shape (N, {features * num_params}) ({features} "
+            f"features x {num_params} parameters), got {tuple(params.shape)}"
+        )
+    return params.t().reshape(features, num_params, -1).transpose(0, 1)
 
 
 class FlowTransform(Transform):
@@ -129,6 +181,27 @@ class _InverseFlowTransform(FlowTransform):
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         return -self._base.log_abs_det_jacobian(y, x)
+
+
+class BoundTransform(FlowTransform):
+    """A layer bound to a context: both directions go through one `apply`.
+
+    The structures (`Coupling`, `Autoregressive`) return one from ``condition(context)``.
+    """
+
+    def __init__(self, layer: FlowModule, context: Tensor | None):
+        super().__init__()
+        self.layer, self.context = layer, context
+
+    @abstractmethod
+    def apply(self, v: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        """The forward map of ``v`` (or the inverse) and its log-det, summed over the event."""
+
+    def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.apply(x, inverse=False)
+
+    def inv_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        return self.apply(y, inverse=True)
 
 
 class FlowModule(FlowTransform, TransformModule, ConditionalTransformModule):

@@ -10,7 +10,15 @@ from torch import Tensor, nn
 
 from ..conditioners import MLP
 from ..transformers import Transformer
-from .base import FlowModule, FlowTransform, broadcast_context, check_context, check_event
+from .base import (
+    BoundTransform,
+    FlowModule,
+    FlowTransform,
+    as_rows,
+    check_context,
+    check_sizes,
+    parameters_first,
+)
 from .config import decode_network_args, encode_activation, encode_transformer
 
 __all__ = ["Coupling"]
@@ -31,8 +39,10 @@ class Coupling(FlowModule):
         hidden_dims: hidden widths of the default `MLP`.
         mask: boolean tensor of shape ``(D,)``, ``True`` where a feature passes through
             unchanged. Default: the first ``D // 2`` features.
-        conditioner: a custom network ``net(x_id, context) -> (..., n_tr * num_params)``
-            replacing the default MLP.
+        conditioner: a custom network replacing the default MLP: ``net(x_id, context)``
+            maps rows ``(N, D_id)`` (and ``(N, C)`` contexts, or ``None``) to
+            ``(N, n_tr * num_params)``: the parameters of the first transformed feature, then
+            of the second, and so on.
         activation: activation of the default MLP.
 
     Example:
@@ -57,10 +67,7 @@ class Coupling(FlowModule):
         activation: Callable[[], nn.Module] = nn.ReLU,
     ):
         super().__init__()
-        if input_dim < 1:
-            raise ValueError(f"input_dim must be >= 1, got {input_dim}")
-        if context_dim < 0:
-            raise ValueError(f"context_dim must be >= 0, got {context_dim}")
+        check_sizes(input_dim, context_dim)
         if mask is None:
             mask = torch.arange(input_dim) < input_dim // 2
         mask = torch.as_tensor(mask, dtype=torch.bool)
@@ -85,7 +92,6 @@ class Coupling(FlowModule):
                 context_features=context_dim,
                 activation=activation,
             )
-            conditioner.batch_innermost = transformer.prefers_params_first
         self.conditioner = conditioner
 
     def extra_repr(self) -> str:
@@ -120,37 +126,16 @@ class Coupling(FlowModule):
         super()._load_from_state_dict(state_dict, prefix, *args)
 
 
-class _CouplingTransform(FlowTransform):
-    def __init__(self, layer: Coupling, context: Tensor | None):
-        super().__init__()
-        self.layer, self.context = layer, context
+class _CouplingTransform(BoundTransform):
+    layer: Coupling
 
-    def _apply(self, x: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-        layer = self.layer
-        check_event(x, layer.input_dim)
-        x, context = broadcast_context(x, self.context)
-        batch = x.shape[:-1]
-        rows = x.reshape(-1, layer.input_dim)  # (N, D) rows and (N, C) contexts
-        context = None if context is None else context.reshape(-1, context.shape[-1])
-        x_id = rows.index_select(1, layer.idx_id)
-        params = layer.conditioner(x_id, context)
-        if layer.transformer.prefers_params_first:
-            # Parameters first, (P, n_tr, N), and columns (n_tr, N): how a spline reads them
-            # fastest. The default MLP returns a transposed view, so this is not a copy.
-            theta = params.t().view(layer.num_transformed, -1, rows.shape[0]).transpose(0, 1)
-            x_tr = rows.t().index_select(0, layer.idx_tr)
-            y_tr, ladj = layer.transformer.call_params_first(theta, x_tr, inverse)
-            y_tr, ladj = y_tr.t(), ladj.sum(0)
-        else:
-            params = params.unflatten(-1, (layer.num_transformed, -1))
-            step = layer.transformer.inverse if inverse else layer.transformer.forward
-            y_tr, ladj = step(params, rows.index_select(1, layer.idx_tr))
-            ladj = ladj.sum(-1)
-        y = rows.index_copy(1, layer.idx_tr, y_tr)
-        return y.reshape(batch + (layer.input_dim,)), ladj.reshape(batch)
-
-    def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self._apply(x, inverse=False)
-
-    def inv_and_ladj(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        return self._apply(y, inverse=True)
+    def apply(self, x: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        layer, transformer = self.layer, self.layer.transformer
+        rows, context, batch = as_rows(x, self.context, layer.input_dim)
+        params = layer.conditioner(rows.index_select(1, layer.idx_id), context)
+        theta = parameters_first(params, layer.num_transformed, transformer.num_params)
+        columns = rows.t().index_select(0, layer.idx_tr)  # (n_tr, N), like each slab of theta
+        step = transformer.inverse if inverse else transformer.forward
+        y_tr, ladj = step(theta, columns)
+        y = rows.index_copy(1, layer.idx_tr, y_tr.t())
+        return y.reshape(batch + (layer.input_dim,)), ladj.sum(0).reshape(batch)
