@@ -25,14 +25,18 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import numbers
 import operator
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from .checks import check_int
 
 __all__ = [
     "two_moons",
@@ -45,16 +49,12 @@ __all__ = [
 ]
 
 
-def _check_n(n: int) -> int:
-    if isinstance(n, bool):
-        raise ValueError(f"n must be a positive integer, got {n!r}")
-    try:
-        n = operator.index(n)
-    except TypeError:
-        raise ValueError(f"n must be a positive integer, got {n!r}") from None
-    if n < 1:
-        raise ValueError(f"n must be a positive integer, got {n}")
-    return n
+def _check_n(n: Any) -> int:
+    """``n`` as an int ``>= 1``; integer tensors and other objects with ``__index__`` count."""
+    if not isinstance(n, bool | numbers.Integral) and hasattr(n, "__index__"):
+        with contextlib.suppress(TypeError):
+            n = operator.index(n)  # a 0-d integer tensor or array, say
+    return check_int("n", n)
 
 
 def _setup(
@@ -305,8 +305,7 @@ def rings(
         [0.75, 1.5, 2.25, 3.0]
     """
     n, noise, g = _setup(n, seed, noise, dtype)
-    if isinstance(num_rings, bool) or not isinstance(num_rings, int) or num_rings < 1:
-        raise ValueError(f"num_rings must be a positive integer, got {num_rings!r}")
+    num_rings = check_int("num_rings", num_rings)
     radii = 0.75 * torch.arange(1, num_rings + 1, dtype=torch.float64)
     ring = torch.multinomial(radii, n, replacement=True, generator=g)
     angle = 2 * math.pi * _uniform(n, g)

@@ -1,9 +1,9 @@
 """Plots for checking a flow against data: samples, densities, corner plots, loss curves.
 
-The functions need matplotlib (``pip install matplotlib``), imported when a function is
-first called, so importing this module costs nothing. They use matplotlib's
-object-oriented API: each draws into the axes or figure it is given (a new figure when
-none is), returns it, and never calls ``plt.show()``. Data and samples may be torch tensors
+The functions need matplotlib (the ``plot`` extra: ``pip install 'pyroflows[plot]'``),
+imported when a function is first called, so importing this module costs nothing. They use
+matplotlib's object-oriented API: each draws into the axes or figure it is given (a new figure
+when none is), returns it, and never calls ``plt.show()``. Data and samples may be torch tensors
 (on any device, with or without gradients) or anything `numpy.asarray` accepts.
 
 Single-panel plots (`plot_density_2d`, `plot_training_curves`) return their
@@ -32,6 +32,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._optional import require
+from .checks import check_int, is_int
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -48,14 +51,13 @@ _DATA_COLOR = "C0"
 _SAMPLE_COLOR = "C1"
 
 
-def _pyplot():
-    try:
-        import matplotlib.pyplot as plt
-    except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "pyroflows.plot needs matplotlib; install it with `pip install matplotlib`"
-        ) from error
-    return plt
+def _matplotlib(module: str = "pyplot") -> Any:
+    """``matplotlib.<module>``, imported on first use (an `ImportError` names the extra)."""
+    return require(f"matplotlib.{module}", "plot")
+
+
+def _pyplot() -> Any:
+    return _matplotlib("pyplot")
 
 
 def _as_array(x: Any, name: str) -> np.ndarray:
@@ -84,13 +86,6 @@ def _subsample(x: np.ndarray, max_points: int | None, rng: np.random.Generator) 
     if max_points is None or len(x) <= max_points:
         return x
     return x[rng.choice(len(x), size=max_points, replace=False)]
-
-
-def _check_max_points(max_points: int | None) -> None:
-    if max_points is not None and (
-        isinstance(max_points, bool) or not isinstance(max_points, int) or max_points < 1
-    ):
-        raise ValueError(f"max_points must be a positive integer or None, got {max_points!r}")
 
 
 def _check_bounds(bounds: Any) -> tuple[tuple[float, float], tuple[float, float]]:
@@ -174,48 +169,64 @@ def plot_samples_2d(
     """
     x = _as_points(data, "data", 2)
     y = _as_points(samples, "samples", 2)
-    _check_max_points(max_points)
+    max_points = check_int("max_points", max_points, optional=True)
     rng = np.random.default_rng(seed)
     x, y = _subsample(x, max_points, rng), _subsample(y, max_points, rng)
     if bounds is None:
         xlim, ylim = _limits(x[:, 0], y[:, 0]), _limits(x[:, 1], y[:, 1])
     else:
         xlim, ylim = _check_bounds(bounds)
-
-    if ax is None:
-        plt = _pyplot()
-        if overlay:
-            fig, single = plt.subplots(figsize=(4.5, 4.5), layout="constrained")
-            axes = [single]
-        else:
-            fig, pair = plt.subplots(1, 2, figsize=(9, 4.5), layout="constrained")
-            axes = list(pair)
-    elif hasattr(ax, "scatter"):
-        axes, overlay = [ax], True
-    else:
-        axes = list(np.ravel(np.asarray(ax, dtype=object)))
-        if len(axes) != 2 or not all(hasattr(a, "scatter") for a in axes):
-            raise ValueError("ax must be None, one matplotlib Axes or a pair of Axes")
-        if overlay:
-            raise ValueError("overlay=True needs a single Axes, got a pair")
-    fig = axes[0].figure
-
+    axes, overlay = _scatter_axes(ax, overlay)
     style = {"s": s, "alpha": alpha, "linewidths": 0, "rasterized": True}
     if overlay:
-        axes[0].scatter(x[:, 0], x[:, 1], color=_DATA_COLOR, label=labels[0], **style)
-        axes[0].scatter(y[:, 0], y[:, 1], color=_SAMPLE_COLOR, label=labels[1], **style)
-        axes[0].legend(loc="upper right", markerscale=(25 / max(s, 1e-3)) ** 0.5)
+        _scatter_overlaid(axes[0], x, y, labels, style)
     else:
-        for a, points, color, title in zip(
-            axes, (x, y), (_DATA_COLOR, _SAMPLE_COLOR), labels, strict=True
-        ):
-            a.scatter(points[:, 0], points[:, 1], color=color, **style)
-            a.set_title(title)
+        _scatter_side_by_side(axes, x, y, labels, style)
     for a in axes:
         a.set_xlim(xlim)
         a.set_ylim(ylim)
         a.set_aspect("equal", adjustable="box")
-    return fig
+    return axes[0].figure
+
+
+def _scatter_axes(ax: Any, overlay: bool) -> tuple[list[Axes], bool]:
+    """The axes `plot_samples_2d` draws on (new ones when ``ax`` is ``None``), and whether
+    both sets go on one of them."""
+    if ax is None:
+        plt = _pyplot()
+        if overlay:
+            _, single = plt.subplots(figsize=(4.5, 4.5), layout="constrained")
+            return [single], True
+        _, pair = plt.subplots(1, 2, figsize=(9, 4.5), layout="constrained")
+        return list(pair), False
+    if hasattr(ax, "scatter"):
+        return [ax], True
+    axes = list(np.ravel(np.asarray(ax, dtype=object)))
+    if len(axes) != 2 or not all(hasattr(a, "scatter") for a in axes):
+        raise ValueError("ax must be None, one matplotlib Axes or a pair of Axes")
+    if overlay:
+        raise ValueError("overlay=True needs a single Axes, got a pair")
+    return axes, False
+
+
+def _scatter_overlaid(
+    ax: Axes, x: np.ndarray, y: np.ndarray, labels: tuple[str, str], style: dict[str, Any]
+) -> None:
+    """Both sets on one axes, with a legend."""
+    ax.scatter(x[:, 0], x[:, 1], color=_DATA_COLOR, label=labels[0], **style)
+    ax.scatter(y[:, 0], y[:, 1], color=_SAMPLE_COLOR, label=labels[1], **style)
+    ax.legend(loc="upper right", markerscale=(25 / max(style["s"], 1e-3)) ** 0.5)
+
+
+def _scatter_side_by_side(
+    axes: list[Axes], x: np.ndarray, y: np.ndarray, labels: tuple[str, str], style: dict[str, Any]
+) -> None:
+    """Each set on its own axes, titled with its label."""
+    for a, points, color, title in zip(
+        axes, (x, y), (_DATA_COLOR, _SAMPLE_COLOR), labels, strict=True
+    ):
+        a.scatter(points[:, 0], points[:, 1], color=color, **style)
+        a.set_title(title)
 
 
 def _distribution(flow_or_dist: Any, context: Any) -> Any:
@@ -309,69 +320,12 @@ def plot_density_2d(
         >>> plt.close(ax.figure)
     """
     (x0, x1), (y0, y1) = _check_bounds(bounds)
-    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 2:
-        raise ValueError(f"resolution must be an integer >= 2, got {resolution!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    if isinstance(contours, bool) or not isinstance(contours, int) or contours < 0:
-        raise ValueError(f"contours must be a non-negative integer, got {contours!r}")
-
-    reference = _reference_tensor(flow_or_dist, context)
-    dtype = reference.dtype if reference is not None else torch.get_default_dtype()
-    device = reference.device if reference is not None else torch.device("cpu")
-
-    module = flow_or_dist if isinstance(flow_or_dist, torch.nn.Module) else None
-    was_training = module.training if module is not None else False
-    try:
-        if module is not None:
-            module.eval()
-        with torch.no_grad():
-            if isinstance(context, Tensor) and context.dim() > 1 and context.shape[:-1].numel() > 1:
-                raise ValueError(
-                    f"plot_density_2d draws one density: pass a single context of shape "
-                    f"(context_dim,), got a batch of shape {tuple(context.shape)}"
-                )
-            d = _distribution(flow_or_dist, context)
-            batch_shape = tuple(getattr(d, "batch_shape", ()))
-            if math.prod(batch_shape) > 1:
-                raise ValueError(
-                    f"plot_density_2d draws one density, got a distribution of batch shape "
-                    f"{batch_shape}"
-                )
-            event_shape = tuple(getattr(d, "event_shape", (2,)))
-            if event_shape != (2,):
-                raise ValueError(
-                    f"plot_density_2d needs a distribution over 2-D points, got event shape "
-                    f"{event_shape}"
-                )
-            # Pixel centres, row-major with x varying fastest: row i is y_i.
-            xs = torch.linspace(x0, x1, resolution + 1, dtype=torch.float64)
-            ys = torch.linspace(y0, y1, resolution + 1, dtype=torch.float64)
-            xs, ys = (xs[1:] + xs[:-1]) / 2, (ys[1:] + ys[:-1]) / 2
-            grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
-            grid = torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=-1)
-            grid = grid.to(device=device, dtype=dtype)
-            chunks = []
-            for chunk in grid.split(chunk_size):
-                log_prob = d.log_prob(chunk)
-                if log_prob.numel() != len(chunk):
-                    raise ValueError(
-                        f"log_prob returned shape {tuple(log_prob.shape)} for {len(chunk)} grid "
-                        "points; plot_density_2d needs one value per point (pass a single "
-                        "context of shape (context_dim,))"
-                    )
-                chunks.append(log_prob.reshape(-1).to("cpu", torch.float64))
-    finally:
-        if module is not None:
-            module.train(was_training)
-
-    log_prob = torch.cat(chunks).reshape(resolution, resolution).numpy()
-    if log_density:
-        finite = log_prob[np.isfinite(log_prob)]
-        top = float(finite.max()) if finite.size else 0.0
-        image = np.clip(np.nan_to_num(log_prob, nan=-np.inf), top - 20.0, top)
-    else:
-        image = np.exp(log_prob)
+    resolution = check_int("resolution", resolution, 2)
+    chunk_size = check_int("chunk_size", chunk_size)
+    contours = check_int("contours", contours, 0)
+    xs, ys = _pixel_centres((x0, x1), resolution), _pixel_centres((y0, y1), resolution)
+    log_prob = _log_prob_on_grid(flow_or_dist, context, xs, ys, chunk_size)
+    image = _density_image(log_prob, log_density)
 
     if ax is None:
         _, ax = _pyplot().subplots(figsize=(5, 4.5), layout="constrained")
@@ -390,6 +344,84 @@ def plot_density_2d(
     ax.set_xlim(x0, x1)
     ax.set_ylim(y0, y1)
     return ax
+
+
+def _pixel_centres(limits: tuple[float, float], resolution: int) -> Tensor:
+    """Centres of ``resolution`` equal pixels covering ``limits``, in float64."""
+    edges = torch.linspace(limits[0], limits[1], resolution + 1, dtype=torch.float64)
+    return (edges[1:] + edges[:-1]) / 2
+
+
+def _log_prob_on_grid(
+    flow_or_dist: Any, context: Tensor | None, xs: Tensor, ys: Tensor, chunk_size: int
+) -> np.ndarray:
+    """``log_prob`` at every ``(x, y)`` of the grid, shape ``(len(ys), len(xs))`` (row i is
+    ``ys[i]``), without gradients and with a module in eval mode (its mode is restored)."""
+    reference = _reference_tensor(flow_or_dist, context)
+    dtype = reference.dtype if reference is not None else torch.get_default_dtype()
+    device = reference.device if reference is not None else torch.device("cpu")
+    # Pixel centres, row-major with x varying fastest: row i is y_i.
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    grid = torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=-1)
+    grid = grid.to(device=device, dtype=dtype)
+
+    module = flow_or_dist if isinstance(flow_or_dist, torch.nn.Module) else None
+    was_training = module.training if module is not None else False
+    try:
+        if module is not None:
+            module.eval()
+        with torch.no_grad():
+            d = _single_2d_distribution(flow_or_dist, context)
+            log_prob = _chunked_log_prob(d, grid, chunk_size)
+    finally:
+        if module is not None:
+            module.train(was_training)
+    return log_prob.reshape(len(ys), len(xs)).numpy()
+
+
+def _single_2d_distribution(flow_or_dist: Any, context: Tensor | None) -> Any:
+    """The distribution to plot, checked to be one density over 2-D points."""
+    if isinstance(context, Tensor) and context.dim() > 1 and context.shape[:-1].numel() > 1:
+        raise ValueError(
+            f"plot_density_2d draws one density: pass a single context of shape "
+            f"(context_dim,), got a batch of shape {tuple(context.shape)}"
+        )
+    d = _distribution(flow_or_dist, context)
+    batch_shape = tuple(getattr(d, "batch_shape", ()))
+    if math.prod(batch_shape) > 1:
+        raise ValueError(
+            f"plot_density_2d draws one density, got a distribution of batch shape {batch_shape}"
+        )
+    event_shape = tuple(getattr(d, "event_shape", (2,)))
+    if event_shape != (2,):
+        raise ValueError(
+            f"plot_density_2d needs a distribution over 2-D points, got event shape {event_shape}"
+        )
+    return d
+
+
+def _chunked_log_prob(d: Any, grid: Tensor, chunk_size: int) -> Tensor:
+    """``d.log_prob`` of the rows of ``grid``, ``chunk_size`` at a time, as float64 on the CPU."""
+    chunks = []
+    for chunk in grid.split(chunk_size):
+        log_prob = d.log_prob(chunk)
+        if log_prob.numel() != len(chunk):
+            raise ValueError(
+                f"log_prob returned shape {tuple(log_prob.shape)} for {len(chunk)} grid "
+                "points; plot_density_2d needs one value per point (pass a single "
+                "context of shape (context_dim,))"
+            )
+        chunks.append(log_prob.reshape(-1).to("cpu", torch.float64))
+    return torch.cat(chunks)
+
+
+def _density_image(log_prob: np.ndarray, log_density: bool) -> np.ndarray:
+    """The density, or the log density clipped to 20 nats below its maximum."""
+    if not log_density:
+        return np.exp(log_prob)
+    finite = log_prob[np.isfinite(log_prob)]
+    top = float(finite.max()) if finite.size else 0.0
+    return np.clip(np.nan_to_num(log_prob, nan=-np.inf), top - 20.0, top)
 
 
 def plot_corner(
@@ -443,42 +475,12 @@ def plot_corner(
         9
         >>> plt.close(fig)
     """
-    x = _as_points(data, "data")
-    y = _as_points(samples, "samples")
+    x, y, labels = _corner_inputs(data, samples, labels)
+    max_points = check_int("max_points", max_points, optional=True)
+    bins = check_int("bins", bins)
     dim = x.shape[1]
-    if dim < 2:
-        raise ValueError(f"plot_corner needs D >= 2 coordinates, got data of shape {x.shape}")
-    if y.shape[1] != dim:
-        raise ValueError(
-            f"data and samples must have the same number of coordinates, got shapes "
-            f"{x.shape} and {y.shape}"
-        )
-    if labels is None:
-        labels = [f"$x_{{{i}}}$" for i in range(dim)]
-    elif isinstance(labels, str) or len(labels) != dim:
-        raise ValueError(f"labels must be a sequence of {dim} strings, got {labels!r}")
-    _check_max_points(max_points)
-    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
-        raise ValueError(f"bins must be a positive integer, got {bins!r}")
-
-    # Robust per-coordinate ranges over both sets.
-    both = np.concatenate([x, y])
-    ranges = []
-    for j in range(dim):
-        column = both[:, j][np.isfinite(both[:, j])]
-        if column.size == 0:
-            ranges.append((-1.0, 1.0))
-            continue
-        lo, hi = np.quantile(column, [0.001, 0.999])
-        ranges.append(_limits(np.array([lo, hi])))
-
-    panel = 2.0 if dim <= 5 else max(1.2, 10.0 / dim)
-    if fig is None:
-        fig = _pyplot().figure(figsize=(panel * dim, panel * dim))
-    elif fig.axes:
-        raise ValueError("fig must be an empty figure (it already has axes)")
-    axes = fig.subplots(dim, dim, squeeze=False)
-
+    ranges = _corner_ranges(np.concatenate([x, y]))
+    fig, axes = _corner_axes(fig, dim)
     rng = np.random.default_rng(seed)
     xs, ys = _subsample(x, max_points, rng), _subsample(y, max_points, rng)
     style = {"s": s, "alpha": alpha, "linewidths": 0, "rasterized": True}
@@ -496,30 +498,90 @@ def plot_corner(
             a.scatter(ys[:, j], ys[:, i], color=_SAMPLE_COLOR, **style)
             a.set_ylim(ranges[i])
         a.set_xlim(ranges[j])
-        if i == dim - 1:
-            a.set_xlabel(labels[j])
-        else:
-            a.tick_params(labelbottom=False)
-        if j == 0 and i > 0:
-            a.set_ylabel(labels[i])
-        elif j > 0:
-            a.tick_params(labelleft=False)
+        _label_corner_panel(a, i, j, labels)
+    _corner_ticks(axes)
+    _corner_legend_and_margins(fig, names)
+    return fig
 
-    from matplotlib.lines import Line2D
-    from matplotlib.ticker import MaxNLocator
 
+def _corner_inputs(
+    data: Any, samples: Any, labels: Sequence[str] | None
+) -> tuple[np.ndarray, np.ndarray, Sequence[str]]:
+    """``data`` and ``samples`` as ``(N, D)`` arrays of the same ``D >= 2``, and the labels."""
+    x = _as_points(data, "data")
+    y = _as_points(samples, "samples")
+    dim = x.shape[1]
+    if dim < 2:
+        raise ValueError(f"plot_corner needs D >= 2 coordinates, got data of shape {x.shape}")
+    if y.shape[1] != dim:
+        raise ValueError(
+            f"data and samples must have the same number of coordinates, got shapes "
+            f"{x.shape} and {y.shape}"
+        )
+    if labels is None:
+        labels = [f"$x_{{{i}}}$" for i in range(dim)]
+    elif isinstance(labels, str) or len(labels) != dim:
+        raise ValueError(f"labels must be a sequence of {dim} strings, got {labels!r}")
+    return x, y, labels
+
+
+def _corner_ranges(points: np.ndarray) -> list[tuple[float, float]]:
+    """Robust per-coordinate ranges: the 0.1% to 99.9% quantiles of the finite values, padded."""
+    ranges = []
+    for j in range(points.shape[1]):
+        column = points[:, j][np.isfinite(points[:, j])]
+        if column.size == 0:
+            ranges.append((-1.0, 1.0))
+            continue
+        lo, hi = np.quantile(column, [0.001, 0.999])
+        ranges.append(_limits(np.array([lo, hi])))
+    return ranges
+
+
+def _corner_axes(fig: Figure | None, dim: int) -> tuple[Figure, np.ndarray]:
+    """The figure and its ``dim x dim`` grid of axes: in ``fig`` (which must be empty), or in a
+    new figure sized for ``dim``."""
+    panel = 2.0 if dim <= 5 else max(1.2, 10.0 / dim)
+    if fig is None:
+        fig = _pyplot().figure(figsize=(panel * dim, panel * dim))
+    elif fig.axes:
+        raise ValueError("fig must be an empty figure (it already has axes)")
+    return fig, fig.subplots(dim, dim, squeeze=False)
+
+
+def _label_corner_panel(a: Axes, i: int, j: int, labels: Sequence[str]) -> None:
+    """Axis labels on the outer panels only; inner panels lose their tick labels."""
+    if i == len(labels) - 1:
+        a.set_xlabel(labels[j])
+    else:
+        a.tick_params(labelbottom=False)
+    if j == 0 and i > 0:
+        a.set_ylabel(labels[i])
+    elif j > 0:
+        a.tick_params(labelleft=False)
+
+
+def _corner_ticks(axes: np.ndarray) -> None:
+    """A few ticks per axis (none on the histograms' density axes); small labels when crowded."""
+    ticker = _matplotlib("ticker")
+    dim = len(axes)
     ticks = 3 if dim > 4 else 4
     for i, j in itertools.product(range(dim), range(dim)):
         a = axes[i, j]
-        a.xaxis.set_major_locator(MaxNLocator(ticks))
+        a.xaxis.set_major_locator(ticker.MaxNLocator(ticks))
         if i == j:
             a.set_yticks([])
         else:
-            a.yaxis.set_major_locator(MaxNLocator(ticks))
+            a.yaxis.set_major_locator(ticker.MaxNLocator(ticks))
         if dim > 5:
             a.tick_params(labelsize="x-small")
+
+
+def _corner_legend_and_margins(fig: Figure, names: tuple[str, str]) -> None:
+    """The legend of the two sets, and margins of fixed size in inches."""
+    lines = _matplotlib("lines")
     handles = [
-        Line2D([], [], color=c, label=n)
+        lines.Line2D([], [], color=c, label=n)
         for c, n in zip((_DATA_COLOR, _SAMPLE_COLOR), names, strict=True)
     ]
     fig.legend(handles=handles, loc="upper right", frameon=False)
@@ -533,7 +595,6 @@ def plot_corner(
         wspace=0.08,
         hspace=0.08,
     )
-    return fig
 
 
 def _history_field(history: Any, key: str) -> Any:
@@ -549,6 +610,19 @@ def _losses(values: Any, name: str) -> np.ndarray:
         return np.array([float(v) for v in values], dtype=np.float64)
     except (TypeError, ValueError):
         raise ValueError(f"history.{name} must be a sequence of numbers") from None
+
+
+def _best_epoch(best: Any, epochs: int) -> int | None:
+    """``best`` checked to be an index into ``epochs`` losses (``None`` or negative: none)."""
+    if best is None:
+        return None
+    if not is_int(best):
+        raise ValueError(f"history.best_epoch must be an integer or None, got {best!r}")
+    if best < 0:
+        return None
+    if best >= epochs:
+        raise ValueError(f"history.best_epoch={best} is not an epoch index (0 to {epochs - 1})")
+    return int(best)
 
 
 def plot_training_curves(history: Any, *, ax: Axes | None = None, log_scale: bool = False) -> Axes:
@@ -590,19 +664,8 @@ def plot_training_curves(history: Any, *, ax: Axes | None = None, log_scale: boo
     if train.size == 0:
         raise ValueError("history must have a non-empty train_loss")
     val = _losses(_history_field(history, "val_loss"), "val_loss")
-    best = _history_field(history, "best_epoch")
     reference = val if val.size else train
-    if best is not None:
-        if isinstance(best, bool) or not isinstance(best, int | np.integer):
-            raise ValueError(f"history.best_epoch must be an integer or None, got {best!r}")
-        best = None if best < 0 else best
-    if best is not None:
-        if best >= len(reference):
-            raise ValueError(
-                f"history.best_epoch={best} is not an epoch index (0 to {len(reference) - 1})"
-            )
-        best = int(best)
-
+    best = _best_epoch(_history_field(history, "best_epoch"), len(reference))
     if ax is None:
         _, ax = _pyplot().subplots(figsize=(6, 4), layout="constrained")
     ax.plot(np.arange(len(train)), train, color=_DATA_COLOR, label="train")
@@ -615,9 +678,7 @@ def plot_training_curves(history: Any, *, ax: Axes | None = None, log_scale: boo
         ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(_matplotlib("ticker").MaxNLocator(integer=True))
     ax.legend()
     return ax
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import matplotlib
@@ -17,6 +19,7 @@ import matplotlib.image  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 
 from pyroflows import datasets, flows, plot  # noqa: E402
+from pyroflows._optional import require  # noqa: E402
 
 NAMES = sorted(datasets.TOY_DATASETS)
 
@@ -87,7 +90,7 @@ def test_noise_changes_the_spread(name):
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("n", [0, -3, 2.5, True, "10"])
 def test_invalid_n(name, n):
-    with pytest.raises(ValueError, match="n must be a positive integer"):
+    with pytest.raises(ValueError, match="n must be an integer >= 1"):
         datasets.TOY_DATASETS[name](n)
 
 
@@ -402,3 +405,61 @@ def test_toy_datasets_are_drawn_on_the_host_whatever_the_default_device(name):
         got = datasets.load_toy(name, 64, seed=3)
     assert got.device.type == "cpu"
     torch.testing.assert_close(got, expected)
+
+
+def test_integral_n_of_other_types_is_accepted():
+    for n in (np.int64(7), torch.tensor(7), np.array(7)):
+        assert datasets.two_moons(n).shape == (7, 2)
+    assert datasets.rings(5, num_rings=np.int32(2)).shape == (5, 2)
+    with pytest.raises(ValueError, match="num_rings must be an integer >= 1"):
+        datasets.rings(5, num_rings=0)
+
+
+def test_plot_bad_counts_use_the_shared_wording():
+    normal = dist.Normal(torch.zeros(2), 1.0).to_event(1)
+    with pytest.raises(ValueError, match="chunk_size must be an integer >= 1, got 0"):
+        plot.plot_density_2d(normal, resolution=4, chunk_size=0)
+    with pytest.raises(ValueError, match="contours must be an integer >= 0, got -1"):
+        plot.plot_density_2d(normal, resolution=4, contours=-1)
+    x = torch.randn(10, 2)
+    with pytest.raises(ValueError, match="bins must be an integer >= 1, got 0"):
+        plot.plot_corner(x, x, bins=0)
+    with pytest.raises(ValueError, match="max_points must be an integer >= 1 or None"):
+        plot.plot_corner(x, x, max_points=2.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optional dependencies
+# ---------------------------------------------------------------------------------------------
+
+
+def test_plot_without_matplotlib_names_the_extra(monkeypatch):
+    # None in sys.modules makes the import raise ImportError (matplotlib.pyplot is cached).
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    with pytest.raises(
+        ImportError, match=r"^plotting needs matplotlib: pip install 'pyroflows\[plot\]'$"
+    ) as info:
+        plot.plot_samples_2d(torch.randn(10, 2), torch.randn(10, 2))
+    assert info.value.name == "matplotlib"
+    assert isinstance(info.value.__cause__, ImportError)
+
+
+def test_require_names_the_extra_and_purpose(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pandas", None)
+    with pytest.raises(ImportError, match=r"the command line needs pandas: .*'pyroflows\[cli\]'"):
+        require("pandas", "cli")
+    with pytest.raises(ImportError, match=r"^pyroflows demo needs pandas: "):
+        require("pandas", "cli", "pyroflows demo")
+    assert require("math", "plot").pi == math.pi
+
+
+def test_core_imports_without_the_optional_packages():
+    """``import pyroflows`` (and its command line module) needs neither matplotlib nor pandas."""
+    code = (
+        "import sys\n"
+        "for name in ('matplotlib', 'pandas'):\n"
+        "    sys.modules[name] = None\n"
+        "import pyroflows, pyroflows.cli, pyroflows.plot\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

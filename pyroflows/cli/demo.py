@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .. import datasets, flows
+from .._optional import require
 from ..files import atomic_write
 from ..io import save
 from ..training import FitHistory, fit
@@ -68,7 +69,7 @@ def _train(args: argparse.Namespace, data: torch.Tensor) -> tuple[Any, FitHistor
 
 def _save_figures(figures: dict[str, Any], folder: Path, dpi: int) -> list[str]:
     """Write each figure as ``NAME.png`` atomically; close them all."""
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", "cli", "pyroflows demo")
 
     written = []
     try:
@@ -83,7 +84,7 @@ def _save_figures(figures: dict[str, Any], folder: Path, dpi: int) -> list[str]:
 
 
 def _save_model_and_data(flow: Any, history: FitHistory, data: np.ndarray, folder: Path) -> None:
-    import pandas as pd
+    pd = require("pandas", "cli")
 
     heldout = -history.best_val_loss
     meta = {"columns": ["x", "y"], "context_columns": [], "created_by": "pyroflows demo"}
@@ -96,9 +97,9 @@ def _save_model_and_data(flow: Any, history: FitHistory, data: np.ndarray, folde
 def run(args: argparse.Namespace) -> int:
     """Run ``pyroflows demo``."""
     try:
-        import matplotlib
-    except ImportError:
-        raise CLIError("demo draws plots with matplotlib: pip install matplotlib") from None
+        matplotlib = require("matplotlib", "cli", "pyroflows demo")
+    except ImportError as error:
+        raise CLIError(str(error)) from None
     matplotlib.use("Agg")
     from ..plot import plot_demo
 

@@ -7,6 +7,7 @@ import argparse
 import numpy as np
 import torch
 
+from .._optional import require
 from .models import input_dtype, load_model, log_prob, model_columns
 from .paths import STDIO, check_distinct, check_inputs, check_output
 from .tables import (
@@ -58,7 +59,7 @@ def _report(args: argparse.Namespace, values: np.ndarray) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``pyroflows logprob``."""
-    import pandas as pd
+    pd = require("pandas", "cli")
 
     check_inputs([("MODEL", args.model), ("DATA.csv", args.data), ("--context", args.context)])
     check_distinct(args.data, args.context, "leave out --context: DATA.csv is read for them")

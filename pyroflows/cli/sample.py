@@ -10,6 +10,7 @@ from typing import Any, TextIO
 import numpy as np
 import torch
 
+from .._optional import require
 from ..distribution import Flow
 from .models import CHUNK_ROWS, input_dtype, load_model, model_columns
 from .paths import STDIO, check_inputs, check_output
@@ -87,7 +88,7 @@ def _row_column(columns: list[str]) -> str:
 
 def _write(handle: TextIO, chunks: Iterator[Chunk], columns: list[str], bar: Any) -> int:
     """Write the chunks as CSV rows (header first); returns the number of rows."""
-    import pandas as pd
+    pd = require("pandas", "cli")
 
     written = 0
     for rows, x in chunks:

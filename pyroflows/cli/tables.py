@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, TextIO
 import numpy as np
 import torch
 
+from .._optional import require
 from ..files import atomic_write
 from ..training import find_bad_rows
 from .paths import STDIO
@@ -58,7 +59,7 @@ def table_name(table: pd.DataFrame) -> str:
 
 def read_table(path: str, dialect: Dialect) -> pd.DataFrame:
     """Read a CSV table with a header row (``-``: stdin); one-line errors for the usual problems."""
-    import pandas as pd
+    pd = require("pandas", "cli")
 
     name = input_name(path)
     if path != STDIO and not os.path.exists(path):
@@ -149,7 +150,7 @@ def check_columns(table: pd.DataFrame, columns: Sequence[str], hint: str = "") -
 
 def numeric(table: pd.DataFrame, columns: Sequence[str]) -> np.ndarray:
     """The ``columns`` of ``table`` as a float64 array; names the first non-numeric value."""
-    import pandas as pd
+    pd = require("pandas", "cli")
     from pandas.api.types import is_bool_dtype, is_numeric_dtype
 
     arrays = []
