@@ -49,7 +49,7 @@ import torch
 from pyroflows import diagnose, to_inference_data
 from pyroflows.infer import AutoFlow, GuideTraining, train_guide
 from pyroflows.utils import torch_threads
-from pyroflows.workflow import _import_arviz
+from pyroflows.workflow import import_arviz as _import_arviz
 
 Y = torch.tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0], dtype=torch.float64)
 SIGMA = torch.tensor([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0], dtype=torch.float64)

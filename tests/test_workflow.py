@@ -23,10 +23,10 @@ from pyro.infer.autoguide import (
 
 from pyroflows import diagnose, to_inference_data
 from pyroflows.infer import AutoFlow
-from pyroflows.workflow import _import_arviz
+from pyroflows.workflow import import_arviz
 
 matplotlib.use("Agg")
-az = _import_arviz()
+az = import_arviz()
 
 
 # --- a conjugate model with a known posterior and evidence -----------------------------------
@@ -370,10 +370,39 @@ def test_point_estimate_guide_is_refused():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="num_samples"):
-        diagnose(poisson_model, exact_guide, COUNTS, num_samples=0)
-    with pytest.raises(ValueError, match="num_chains"):
-        to_inference_data(poisson_model, exact_guide, COUNTS, num_samples=10, num_chains=3)
+    with pytest.raises(ValueError, match="num_samples must be an integer >= 2, got 1"):
+        diagnose(poisson_model, exact_guide, COUNTS, num_samples=1)
+    with pytest.raises(ValueError, match="chunk_size must be an integer >= 1, got 0"):
+        diagnose(poisson_model, exact_guide, COUNTS, num_samples=10, chunk_size=0)
+    with pytest.raises(ValueError, match="num_samples must be an integer >= 1, got 0"):
+        to_inference_data(poisson_model, exact_guide, COUNTS, num_samples=0)
+    with pytest.raises(ValueError, match="num_chains must be an integer >= 1, got 0"):
+        to_inference_data(poisson_model, exact_guide, COUNTS, num_samples=10, num_chains=0)
+
+
+def test_chains_that_do_not_divide_the_draws_are_refused_before_drawing():
+    def guide(counts):
+        raise AssertionError("drawn")
+
+    with pytest.raises(ValueError, match="num_chains must divide num_samples=10, got 3"):
+        to_inference_data(poisson_model, guide, COUNTS, num_samples=10, num_chains=3)
+    result = diagnose(poisson_model, exact_guide, COUNTS, num_samples=10)
+    with pytest.raises(ValueError, match="num_chains must divide num_samples=10, got 4"):
+        result.to_inference_data()
+
+
+def test_public_api_is_reexported_from_its_modules():
+    import pyroflows
+    import pyroflows.workflow as workflow
+    from pyroflows.workflow import diagnostics, export, mass_check
+
+    assert pyroflows.diagnose is workflow.diagnose is diagnostics.diagnose
+    assert workflow.Diagnosis is diagnostics.Diagnosis
+    assert pyroflows.to_inference_data is workflow.to_inference_data is export.to_inference_data
+    assert workflow.import_arviz is export.import_arviz
+    assert workflow.MassCheck is mass_check.MassCheck
+    assert (workflow.KHAT_GOOD, workflow.KHAT_OK) == (0.5, 0.7)
+    assert all(hasattr(workflow, name) for name in workflow.__all__)
 
 
 def test_unvectorisable_model_asks_for_parallel_false():
@@ -449,3 +478,18 @@ def test_mass_check_options():
     assert diagnose(model, guide, num_samples=100, widen=None).mass_check is None
     with pytest.raises(ValueError, match="widen"):
         diagnose(model, guide, num_samples=100, widen=0.5)
+
+
+def test_mass_check_that_fails_warns_at_the_caller(monkeypatch):
+    from pyroflows.workflow import mass_check
+
+    def failing(*args, **kwargs):
+        raise NotImplementedError("no log_prob")
+
+    monkeypatch.setattr(mass_check, "_mass_check", failing)
+    model = _two_modes()
+    guide = _guide_on_first_mode(model)
+    with pytest.warns(UserWarning, match="mass check skipped.*no log_prob") as record:
+        result = diagnose(model, guide, num_samples=100, seed=0)
+    assert result.mass_check is None
+    assert [w.filename for w in record] == [__file__]
