@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution, constraints
 
-from .transforms.base import FlowModule, FlowTransform, check_context, check_event
+from .checks import check_int, check_real
+from .transforms.base import FlowModule, FlowTransform, check_context, check_event, check_sizes
 
 __all__ = ["DiagNormal", "Flow", "FlowDistribution"]
 
@@ -28,10 +29,8 @@ class DiagNormal(nn.Module):
 
     def __init__(self, input_dim: int, loc: float = 0.0, scale: float = 1.0):
         super().__init__()
-        if input_dim < 1:
-            raise ValueError(f"input_dim must be >= 1, got {input_dim}")
-        if not scale > 0:
-            raise ValueError(f"scale must be positive, got {scale!r}")
+        input_dim = check_int("input_dim", input_dim)
+        check_real("scale", scale, positive=True)
         self.register_buffer("loc", torch.full((input_dim,), float(loc)))
         self.register_buffer("scale", torch.full((input_dim,), float(scale)))
 
@@ -279,10 +278,7 @@ class Flow(nn.Module):
         context_transforms: Sequence[FlowModule] = (),
     ):
         super().__init__()
-        if not isinstance(input_dim, int) or input_dim < 1:
-            raise ValueError(f"input_dim must be a positive integer, got {input_dim!r}")
-        if not isinstance(context_dim, int) or context_dim < 0:
-            raise ValueError(f"context_dim must be a non-negative integer, got {context_dim!r}")
+        input_dim, context_dim = check_sizes(input_dim, context_dim)
         self.input_dim, self.context_dim = input_dim, context_dim
         self.layers = nn.ModuleList(_checked(layers, "layer", input_dim, context_dim))
         self.data_transforms = nn.ModuleList(

@@ -31,9 +31,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checks import check_int
 from .distribution import Flow
 from .transformers import Additive, Affine, RationalQuadraticSpline, Transformer
 from .transforms import ActNorm, Autoregressive, Coupling, FlowModule
+from .transforms.base import check_sizes
 from .transforms.config import encode_activation, encode_transformer
 
 __all__ = ["nsf", "maf", "iaf", "realnvp", "nice", "autoregressive_flow", "coupling_flow"]
@@ -70,12 +72,8 @@ def _records_config(builder: Callable[..., Flow]) -> Callable[..., Flow]:
 
 
 def _check_common(input_dim: int, context_dim: int, num_layers: int) -> None:
-    if not isinstance(input_dim, int) or input_dim < 1:
-        raise ValueError(f"input_dim must be a positive integer, got {input_dim!r}")
-    if not isinstance(context_dim, int) or context_dim < 0:
-        raise ValueError(f"context_dim must be a non-negative integer, got {context_dim!r}")
-    if not isinstance(num_layers, int) or num_layers < 1:
-        raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
+    check_sizes(input_dim, context_dim)
+    check_int("num_layers", num_layers)
 
 
 @_records_config

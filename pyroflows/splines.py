@@ -71,6 +71,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .checks import check_int, check_real
+
 __all__ = [
     "DEFAULT_MIN_BIN_WIDTH",
     "DEFAULT_MIN_BIN_HEIGHT",
@@ -104,8 +106,7 @@ def check_spline_args(
             give derivative 1 (the identity).
         bound: half-width of the spline interval, if given must be positive.
     """
-    if not isinstance(count_bins, int) or isinstance(count_bins, bool) or count_bins < 1:
-        raise ValueError(f"count_bins must be an integer >= 1, got {count_bins!r}")
+    check_int("count_bins", count_bins)
     for name, value in (("min_bin_width", min_bin_width), ("min_bin_height", min_bin_height)):
         if not value > 0:
             raise ValueError(f"{name} must be > 0, got {value!r}")
@@ -116,8 +117,7 @@ def check_spline_args(
             )
     if not 0 < min_derivative < 1:
         raise ValueError(f"min_derivative must lie in (0, 1), got {min_derivative!r}")
-    if bound is not None and not (bound > 0 and math.isfinite(bound)):
-        raise ValueError(f"bound must be a positive finite number, got {bound!r}")
+    check_real("bound", bound, positive=True, optional=True)
 
 
 _VARIANTS = ("identity", "free", "circular")

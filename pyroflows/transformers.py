@@ -164,7 +164,7 @@ class _SplineBase(Transformer):
             isinstance(raw_bound, int | float) and raw_bound > 0
         ):
             raise ValueError(f"raw_bound must be a number > 0 (inf: no bound), got {raw_bound!r}")
-        self.count_bins = count_bins
+        self.count_bins = int(count_bins)
         self.min_bin_width = min_bin_width
         self.min_bin_height = min_bin_height
         self.min_derivative = min_derivative

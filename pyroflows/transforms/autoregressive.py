@@ -85,7 +85,7 @@ class Autoregressive(FlowModule):
         conditioner: nn.Module | None = None,
     ):
         super().__init__()
-        check_sizes(input_dim, context_dim)
+        input_dim, context_dim = check_sizes(input_dim, context_dim)
         self.input_dim, self.context_dim = input_dim, context_dim
         self.transformer = transformer
         self.invert = bool(invert)

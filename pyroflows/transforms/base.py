@@ -82,10 +82,9 @@ def broadcast_context(x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor
     return x.expand(shape + x.shape[-1:]), context.expand(shape + context.shape[-1:])
 
 
-def check_sizes(input_dim: int, context_dim: int) -> None:
-    """Raise a `ValueError` unless ``input_dim >= 1`` and ``context_dim >= 0`` (integers)."""
-    check_int("input_dim", input_dim)
-    check_int("context_dim", context_dim, low=0)
+def check_sizes(input_dim: int, context_dim: int) -> tuple[int, int]:
+    """``(input_dim, context_dim)`` as ints, checked to be integers ``>= 1`` and ``>= 0``."""
+    return check_int("input_dim", input_dim), check_int("context_dim", context_dim, low=0)
 
 
 def as_rows(

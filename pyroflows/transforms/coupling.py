@@ -67,7 +67,7 @@ class Coupling(FlowModule):
         activation: Callable[[], nn.Module] = nn.ReLU,
     ):
         super().__init__()
-        check_sizes(input_dim, context_dim)
+        input_dim, context_dim = check_sizes(input_dim, context_dim)
         if mask is None:
             mask = torch.arange(input_dim) < input_dim // 2
         mask = torch.as_tensor(mask, dtype=torch.bool)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..checks import check_int
 from .base import ContextFree, check_event
 
 __all__ = ["Permute", "Reverse", "LULinear", "ActNorm", "Precondition"]
@@ -99,8 +100,7 @@ class LULinear(ContextFree):
 
     def __init__(self, input_dim: int, permutation: Sequence[int] | Tensor | None = None):
         super().__init__()
-        if input_dim < 1:
-            raise ValueError(f"input_dim must be >= 1, got {input_dim}")
+        input_dim = check_int("input_dim", input_dim)
         self.input_dim = input_dim
         perm = torch.arange(input_dim) if permutation is None else torch.as_tensor(permutation)
         if sorted(perm.tolist()) != list(range(input_dim)):
@@ -168,8 +168,7 @@ class ActNorm(ContextFree):
 
     def __init__(self, input_dim: int):
         super().__init__()
-        if input_dim < 1:
-            raise ValueError(f"input_dim must be >= 1, got {input_dim}")
+        input_dim = check_int("input_dim", input_dim)
         self.input_dim = input_dim
         self.loc = nn.Parameter(torch.zeros(input_dim))
         self.log_scale = nn.Parameter(torch.zeros(input_dim))
