@@ -81,3 +81,5 @@ def test_custom_encoder_and_errors():
         AmortizedFlow(2, encoder, context_dim=6)(torch.randn(5, 4, 4))
     with pytest.raises(ValueError, match="input_dim"):
         AmortizedFlow(2)
+    with pytest.raises(ValueError, match="num_layers must be an integer >= 0, got -1"):
+        AmortizedFlow(2, encoder, context_dim=8, num_layers=-1)

@@ -254,8 +254,10 @@ def test_model_without_latent_sites_is_a_clear_error():
 def test_bad_options():
     with pytest.raises(ValueError, match="layers"):
         AutoFlow(lambda: None, layers="planar")
-    with pytest.raises(ValueError, match="init_scale"):
+    with pytest.raises(ValueError, match="init_scale must be a positive finite number or None"):
         AutoFlow(lambda: None, init_scale=0.0)
+    with pytest.raises(ValueError, match="num_layers must be an integer >= 0, got -1"):
+        AutoFlow(lambda: None, num_layers=-1)
 
 
 def test_parameters_follow_the_model_dtype():

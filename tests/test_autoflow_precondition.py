@@ -109,10 +109,22 @@ def test_bad_preconditioner_options():
     f = _gaussian(torch.zeros(2), torch.eye(2))
     with pytest.raises(ValueError, match="form"):
         laplace_preconditioner(f, torch.zeros(2), form="lowrank")
-    with pytest.raises(ValueError, match="max_iter"):
+    with pytest.raises(ValueError, match="max_iter must be an integer >= 1, got 0"):
         laplace_preconditioner(f, torch.zeros(2), max_iter=0)
+    with pytest.raises(ValueError, match="starts must be an integer >= 1, got True"):
+        laplace_preconditioner(f, torch.zeros(2), starts=True)
     with pytest.raises(ValueError, match="vector"):
         laplace_preconditioner(f, torch.zeros(2, 1))
+
+
+@pytest.mark.parametrize("form", ["full", "diagonal"])
+def test_preconditioner_leaves_the_global_rng_alone(form):
+    f = _gaussian(torch.zeros(3), torch.eye(3))
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    laplace_preconditioner(f, torch.ones(3), form=form, starts=3)
+    assert torch.equal(torch.rand(4), expected)
 
 
 # -- AutoFlow on posteriors known in closed form -------------------------------------------
@@ -330,7 +342,9 @@ def test_load_state_dict_before_setup_says_how():
 def test_bad_autoflow_options():
     with pytest.raises(ValueError, match="precondition"):
         AutoFlow(lambda: None, precondition="yes")
-    with pytest.raises(ValueError, match="mode_iterations"):
+    with pytest.raises(ValueError, match="mode_iterations must be an integer >= 0, got -1"):
         AutoFlow(lambda: None, mode_iterations=-1)
+    with pytest.raises(ValueError, match="mode_starts must be an integer >= 1, got 0"):
+        AutoFlow(lambda: None, mode_starts=0)
     with pytest.raises(ValueError, match="init_scale"):
         AutoFlow(lambda: None, init_scale=math.inf)

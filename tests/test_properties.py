@@ -34,7 +34,22 @@ CASES = [
     for name, spec in LAYERS.items()
     for cond in ((False, True) if spec.conditional else (False,))
 ]
-IDS = [f"{name}-{'ctx' if cond else 'noctx'}" for name, cond in CASES]
+
+
+def _ids(cases: list[tuple[str, bool]]) -> list[str]:
+    return [f"{name}-{'ctx' if cond else 'noctx'}" for name, cond in cases]
+
+
+IDS = _ids(CASES)
+# Subsets for the properties that apply to some layers only (instead of skipping the rest).
+UNCONDITIONAL = [(name, cond) for name, cond in CASES if not cond]
+CONDITIONAL = [(name, cond) for name, cond in CASES if cond]
+IDENTITY_AT_START = [(name, cond) for name, cond in CASES if LAYERS[name].starts_as_identity]
+WITH_PARAMETERS = [
+    (name, cond)
+    for name, cond in CASES
+    if list(LAYERS[name].build(D, C if cond else 0).parameters())
+]
 
 
 def make(name: str, cond: bool, dtype: torch.dtype, device: torch.device) -> FlowModule:
@@ -93,20 +108,18 @@ def test_jacobian_structure(case, dtype, device):
     check_jacobian_structure(layer, layer.condition(context_for(cond, (7,), dtype, device)), x)
 
 
+@pytest.mark.parametrize("case", UNCONDITIONAL, ids=_ids(UNCONDITIONAL))
 def test_unconditional_module_is_its_own_transform(case, dtype, device, tol):
     name, cond = case
-    if cond:
-        pytest.skip("conditional layers need a context")
     layer = make(name, cond, dtype, device)
     x = LAYERS[name].sample((5, D), dtype, device)
     check_round_trip(layer, x, tol)
     check_fused(layer, x, tol)
 
 
+@pytest.mark.parametrize("case", IDENTITY_AT_START, ids=_ids(IDENTITY_AT_START))
 def test_zero_initialised_layer_is_identity(case, dtype, device):
     name, cond = case
-    if not LAYERS[name].starts_as_identity:
-        pytest.skip("not an identity at construction")
     layer = LAYERS[name].build(D, C if cond else 0).to(dtype=dtype, device=device)
     x = LAYERS[name].sample((5, D), dtype, device)
     y, ladj = layer.condition(context_for(cond, (5,), dtype, device)).call_and_ladj(x)
@@ -114,11 +127,10 @@ def test_zero_initialised_layer_is_identity(case, dtype, device):
     torch.testing.assert_close(ladj, torch.zeros_like(ladj))
 
 
+@pytest.mark.parametrize("case", WITH_PARAMETERS, ids=_ids(WITH_PARAMETERS))
 def test_every_parameter_gets_a_finite_gradient(case, dtype, device):
     name, cond = case
     layer = make(name, cond, dtype, device)
-    if not list(layer.parameters()):
-        pytest.skip("no parameters")
     flow = Flow([layer], D, C if cond else 0).to(dtype=dtype, device=device)
     context = context_for(cond, (6,), dtype, device)
     x = LAYERS[name].sample((6, D), dtype, device)
@@ -170,10 +182,9 @@ def test_state_dict_round_trip(case, dtype, device):
     check_state_dict_round_trip(fresh, module, lambda m: m.condition(context).log_prob(x))
 
 
+@pytest.mark.parametrize("case", CONDITIONAL, ids=_ids(CONDITIONAL))
 def test_context_changes_output_and_broadcasts(case, dtype, device, tol):
     name, cond = case
-    if not cond:
-        pytest.skip("unconditional")
     layer = make(name, cond, dtype, device)
     x = LAYERS[name].sample((5, D), dtype, device)
     c1, c2 = torch.randn(2, C, dtype=dtype, device=device)
@@ -298,11 +309,10 @@ def test_small_dimensions(case, input_dim, dtype, device, tol):
         assert p.numel() == 0 or p.grad.abs().sum() > 0, f"{pname} is dead at D={input_dim}"
 
 
+@pytest.mark.parametrize("case", CONDITIONAL, ids=_ids(CONDITIONAL))
 def test_context_reaches_every_feature(case, dtype, device):
     """Each transformed feature depends on the context (MADE's first feature included)."""
     name, cond = case
-    if not cond:
-        pytest.skip("unconditional")
     layer = make(name, cond, dtype, device)
     x = 0.5 * LAYERS[name].sample((D,), dtype, device)  # inside spline bounds (no tails)
     context = torch.randn(C, dtype=dtype, device=device)

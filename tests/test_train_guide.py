@@ -267,16 +267,18 @@ def test_no_global_side_effects(data):
     [
         ({"num_particles": 0}, "num_particles must be an integer >= 1"),
         ({"num_particles": 2.0}, "num_particles must be an integer"),
+        ({"num_particles": True}, "num_particles must be an integer >= 1, got True"),
         ({"max_steps": 0}, "max_steps must be an integer >= 1"),
         ({"window": 1}, "window must be an integer >= 2"),
         ({"anneal_steps": -1}, "anneal_steps must be an integer >= 0"),
         ({"lr": 0.0}, "lr must be a positive finite number"),
         ({"lr": math.inf}, "lr must be a positive finite number"),
+        ({"lr": math.nan}, "lr must be a positive finite number, got nan"),
         ({"min_lr": -1.0}, "min_lr must be a positive finite number"),
         ({"min_lr": 0.1}, "min_lr must be at most lr"),
         ({"decay": 1.0}, r"decay must be in \(0, 1\)"),
         ({"decay": 0}, r"decay must be in \(0, 1\)"),
-        ({"clip_norm": 0.0}, "clip_norm must be a positive finite number"),
+        ({"clip_norm": 0.0}, "clip_norm must be a positive finite number or None, got 0.0"),
     ],
 )
 def test_validation(option, match):

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import flows
+from ..checks import check_int
 from ..conditioners import MLP
 from ..distribution import Flow, FlowDistribution
 from ..transformers import Affine
@@ -63,7 +64,7 @@ class AmortizedFlow(nn.Module):
         num_layers: int = 2,
         layers: str = "affine",
         activation: Callable[[], nn.Module] = nn.ReLU,
-    ):
+    ) -> None:
         super().__init__()
         #: Width of the observations the default encoder takes (``None``: a custom encoder).
         self.input_dim = input_dim if encoder is None else None
@@ -75,40 +76,12 @@ class AmortizedFlow(nn.Module):
             )
         if layers not in ("affine", "spline"):
             raise ValueError(f"layers must be 'affine' or 'spline', got {layers!r}")
-        if not isinstance(num_layers, int) or num_layers < 0:
-            raise ValueError(f"num_layers must be a non-negative integer, got {num_layers!r}")
+        num_layers = check_int("num_layers", num_layers, low=0)
         self.encoder = encoder
         self.latent_dim, self.context_dim = latent_dim, context_dim
-        if num_layers == 0:
-            self.flow = Flow([], latent_dim, context_dim)
-        elif layers == "affine":
-            self.flow = flows.iaf(
-                latent_dim,
-                context_dim,
-                num_layers=num_layers,
-                hidden_dims=hidden_dims,
-                activation=activation,
-            )
-        else:
-            self.flow = flows.nsf(
-                latent_dim,
-                context_dim,
-                num_layers=num_layers,
-                hidden_dims=hidden_dims,
-                invert=False,
-                activation=activation,
-            )
-        # Data end: a diagonal affine map whose shift and log-scale come from the context
-        # alone (a coupling layer with nothing passed through): the Gaussian encoder.
-        gaussian = Coupling(
-            latent_dim,
-            Affine(log_scale_bound=10.0),
-            context_dim=context_dim,
-            hidden_dims=hidden_dims,
-            mask=torch.zeros(latent_dim, dtype=torch.bool),
-            activation=activation,
+        self.flow = _conditional_flow(
+            latent_dim, context_dim, num_layers, layers, hidden_dims, activation
         )
-        self.flow.layers.append(gaussian)
 
     def forward(self, x: Tensor) -> FlowDistribution:
         """``q(z | x)`` for a batch of observations."""
@@ -125,3 +98,45 @@ class AmortizedFlow(nn.Module):
                 f"expected context_dim={self.context_dim}"
             )
         return self.flow.condition(context)
+
+
+def _conditional_flow(
+    latent_dim: int,
+    context_dim: int,
+    num_layers: int,
+    layers: str,
+    hidden_dims: Sequence[int],
+    activation: Callable[[], nn.Module],
+) -> Flow:
+    """The flow of `AmortizedFlow`: ``num_layers`` IAF or spline layers, then the Gaussian."""
+    if num_layers == 0:
+        flow = Flow([], latent_dim, context_dim)
+    elif layers == "affine":
+        flow = flows.iaf(
+            latent_dim,
+            context_dim,
+            num_layers=num_layers,
+            hidden_dims=hidden_dims,
+            activation=activation,
+        )
+    else:
+        flow = flows.nsf(
+            latent_dim,
+            context_dim,
+            num_layers=num_layers,
+            hidden_dims=hidden_dims,
+            invert=False,
+            activation=activation,
+        )
+    # Data end: a diagonal affine map whose shift and log-scale come from the context
+    # alone (a coupling layer with nothing passed through): the Gaussian encoder.
+    gaussian = Coupling(
+        latent_dim,
+        Affine(log_scale_bound=10.0),
+        context_dim=context_dim,
+        hidden_dims=hidden_dims,
+        mask=torch.zeros(latent_dim, dtype=torch.bool),
+        activation=activation,
+    )
+    flow.layers.append(gaussian)
+    return flow

@@ -17,6 +17,7 @@ from pyro.infer.autoguide.initialization import init_to_median
 from torch import Tensor
 
 from .. import flows
+from ..checks import check_int, check_real
 from ..distribution import Flow, FlowDistribution
 from ..transforms import Precondition
 from .laplace import Preconditioning, laplace_preconditioner
@@ -67,6 +68,10 @@ class AutoFlow(AutoContinuous):
     mode or fallback, cost) is in ``guide.preconditioning`` and the guide's ``repr``. Where
     no finite mode exists (a funnel) the guide is the unpreconditioned one: centred at the
     start point, unit ``L``, ``s = 0.1``.
+
+    Building the guide draws from the global torch RNG, as any Pyro autoguide and torch
+    module does (the prior draws of the default ``init_loc_fn``, the networks' initial
+    weights); nothing global is reseeded, and the mode search uses private generators.
 
     Parameters are created when the model is first traced: pass ``model_args`` /
     ``model_kwargs`` (or call `setup`) to create them at once, so that ``state_dict``
@@ -140,23 +145,17 @@ class AutoFlow(AutoContinuous):
         num_quantile_samples: int = 10_000,
         model_args: Sequence[Any] | None = None,
         model_kwargs: dict[str, Any] | None = None,
-    ):
+    ) -> None:
         if layers not in ("spline", "affine"):
             raise ValueError(f"layers must be 'spline' or 'affine', got {layers!r}")
-        if not (isinstance(num_layers, int) and num_layers >= 0):
-            raise ValueError(f"num_layers must be a non-negative integer, got {num_layers!r}")
-        if init_scale is not None and not (init_scale > 0 and math.isfinite(init_scale)):
-            raise ValueError(f"init_scale must be positive, got {init_scale!r}")
+        num_layers = check_int("num_layers", num_layers, low=0)
+        init_scale = check_real("init_scale", init_scale, positive=True, optional=True)
         if precondition not in ("auto", "full", "diagonal", "off"):
             raise ValueError(
                 f"precondition must be 'auto', 'full', 'diagonal' or 'off', got {precondition!r}"
             )
-        if not (isinstance(mode_iterations, int) and mode_iterations >= 0):
-            raise ValueError(
-                f"mode_iterations must be a non-negative integer, got {mode_iterations!r}"
-            )
-        if not (isinstance(mode_starts, int) and mode_starts >= 1):
-            raise ValueError(f"mode_starts must be a positive integer, got {mode_starts!r}")
+        mode_iterations = check_int("mode_iterations", mode_iterations, low=0)
+        mode_starts = check_int("mode_starts", mode_starts)
         super().__init__(model, init_loc_fn=init_loc_fn)
         self._options = {
             "layers": layers,

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..checks import check_int
+
 __all__ = ["FULL_MAX_DIM", "Preconditioning", "laplace_preconditioner"]
 
 #: Largest dimension given a full (dense Cholesky) preconditioner; above it, a diagonal one.
@@ -92,12 +94,14 @@ def _safe_value(fn: Callable[[Tensor], Tensor], u: Tensor) -> float:
 
 
 def _gradient(fn: Callable[[Tensor], Tensor], u: Tensor) -> Tensor:
+    """The gradient of ``fn`` at ``u`` (``u`` itself is left untouched)."""
     x = u.detach().clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(fn(x), x)
     return grad
 
 
 def _hessian(fn: Callable[[Tensor], Tensor], u: Tensor) -> Tensor:
+    """The Hessian of ``fn`` at ``u``, symmetrised."""
     h = torch.autograd.functional.hessian(fn, u.detach())
     return 0.5 * (h + h.T)
 
@@ -232,6 +236,10 @@ def _modes(
     return [f for f in found if f.converged], found[0]
 
 
+#: ``(fn, u, eig=None) -> (scale, number of directions without positive curvature)``.
+_Curvature = Callable[..., tuple[Tensor, int]]
+
+
 @dataclass(frozen=True)
 class _Laplace:
     mode: Tensor
@@ -267,6 +275,59 @@ def _dominant(laplaces: list[_Laplace]) -> tuple[_Laplace | None, str]:
     return None, f"{len(kept)} distinct modes (Laplace mass {shares}): no single Gaussian fits"
 
 
+def _resolve_form(start: Tensor, form: str, max_iter: int, starts: int) -> str:
+    """Check the arguments of `laplace_preconditioner`; return the form, ``"auto"`` resolved."""
+    dim = start.numel()
+    if start.dim() != 1:
+        raise ValueError(f"start must be a vector, got shape {tuple(start.shape)}")
+    if form == "auto":
+        form = "full" if dim <= FULL_MAX_DIM else "diagonal"
+    if form not in ("full", "diagonal"):
+        raise ValueError(f"form must be 'auto', 'full' or 'diagonal', got {form!r}")
+    check_int("max_iter", max_iter)
+    check_int("starts", starts)
+    return form
+
+
+def _curvature_at_start(
+    curvature: _Curvature, fn: Callable[[Tensor], Tensor], start: Tensor
+) -> tuple[Tensor, str]:
+    """The scale from the curvature at ``start`` (mode search off) and the message saying so."""
+    scale, flat = curvature(fn, start)
+    message = "the mode search is off: the curvature at the start point"
+    if flat:
+        dim = start.numel()
+        message += f"; {flat} of {dim} directions without positive curvature get unit scale"
+    return scale, message
+
+
+def _laplaces(
+    curvature: _Curvature, fn: Callable[[Tensor], Tensor], modes: list[_Search]
+) -> list[_Laplace]:
+    """The Laplace approximation at each mode whose curvature is positive and finite."""
+    laplaces = []
+    for m in modes:
+        scale, flat = curvature(fn, m.point, m.eig)
+        if not flat and bool(torch.isfinite(scale).all()):
+            log_det = scale.log().sum() if scale.dim() == 1 else scale.diagonal().log().sum()
+            value = -_safe_value(fn, m.point)
+            laplaces.append(_Laplace(m.point, scale, value + float(log_det)))
+    return laplaces
+
+
+def _searches_found(modes: list[_Search], first: _Search, starts: int) -> str:
+    """What the mode searches found, for the record's message."""
+    found = f"{len(modes)} of {starts} searches converged" if starts > 1 else first.message
+    if starts > 1 and not modes:
+        found += f" (from the start point: {first.message})"
+    return found
+
+
+def _identity(start: Tensor, form: str) -> Tensor:
+    """The unit scale of ``form``, like ``start``: ones (diagonal) or the identity matrix."""
+    return torch.ones_like(start) if form == "diagonal" else torch.eye(start.numel()).to(start)
+
+
 def laplace_preconditioner(
     neg_log_density: Callable[[Tensor], Tensor],
     start: Tensor,
@@ -286,6 +347,8 @@ def laplace_preconditioner(
         search: look for the mode (``False``: take the curvature at ``start``).
         starts: search from ``start`` and ``starts - 1`` points scattered around it; the
             result needs one mode with all but 0.1% of the Laplace mass (see `_dominant`).
+            The scatter, like the diagonal form's random probes, comes from a private
+            generator: results are reproducible and the global random state is untouched.
 
     Returns:
         ``(centre, scale, record)``: ``scale`` is a lower-triangular ``(D, D)`` matrix or a
@@ -301,46 +364,26 @@ def laplace_preconditioner(
         >>> record.centre
         'mode'
     """
-    dim = start.numel()
-    if start.dim() != 1:
-        raise ValueError(f"start must be a vector, got shape {tuple(start.shape)}")
-    if form == "auto":
-        form = "full" if dim <= FULL_MAX_DIM else "diagonal"
-    if form not in ("full", "diagonal"):
-        raise ValueError(f"form must be 'auto', 'full' or 'diagonal', got {form!r}")
-    for name, value in (("max_iter", max_iter), ("starts", starts)):
-        if not (isinstance(value, int) and value >= 1):
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    form = _resolve_form(start, form, max_iter, starts)
     began = time.perf_counter()
     curvature = _full_scale if form == "full" else _diagonal_scale
 
     def record(where: str, iterations: int, message: str) -> Preconditioning:
+        """The record of this call, timed from its start."""
         return Preconditioning(form, where, iterations, time.perf_counter() - began, message)
 
     if not search:
-        scale, flat = curvature(neg_log_density, start)
-        message = "the mode search is off: the curvature at the start point"
-        if flat:
-            message += f"; {flat} of {dim} directions without positive curvature get unit scale"
+        scale, message = _curvature_at_start(curvature, neg_log_density, start)
         return start.detach(), scale, record("start, mode search off", 0, message)
     modes, first = _modes(
         _newton if form == "full" else _lbfgs, neg_log_density, start, max_iter, starts
     )
     iterations = sum(m.iterations for m in modes) if modes else first.iterations
-    laplaces = []
-    for m in modes:
-        scale, flat = curvature(neg_log_density, m.point, m.eig)
-        if not flat and bool(torch.isfinite(scale).all()):
-            log_det = scale.log().sum() if scale.dim() == 1 else scale.diagonal().log().sum()
-            value = -_safe_value(neg_log_density, m.point)
-            laplaces.append(_Laplace(m.point, scale, value + float(log_det)))
+    laplaces = _laplaces(curvature, neg_log_density, modes)
     dominant, note = _dominant(laplaces) if laplaces else (None, first.message)
-    found = f"{len(modes)} of {starts} searches converged" if starts > 1 else first.message
-    if starts > 1 and not modes:
-        found += f" (from the start point: {first.message})"
+    found = _searches_found(modes, first, starts)
     if dominant is None:  # no curvature to trust: the unpreconditioned guide
         why = note if laplaces else "a funnel? a flat direction?"
         message = f"{found}; kept the start point and L = I ({why})"
-        identity = torch.ones_like(start) if form == "diagonal" else torch.eye(dim).to(start)
-        return start.detach(), identity, record("start", iterations, message)
+        return start.detach(), _identity(start, form), record("start", iterations, message)
     return dominant.mode, dominant.scale.detach(), record("mode", iterations, f"{found}; {note}")

@@ -18,10 +18,11 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.trace_struct import Trace
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..checks import is_int
+from ..checks import check_int, check_real, is_real
 
 __all__ = ["train_guide", "GuideTraining"]
 
@@ -82,7 +83,7 @@ class GuideTraining:
 class _Temper(Messenger):
     """Multiply the scale of observed sample sites (``pyro.factor`` included) by ``beta``."""
 
-    def __init__(self, beta: float = 1.0):
+    def __init__(self, beta: float = 1.0) -> None:
         super().__init__()
         self.beta = beta
 
@@ -106,6 +107,34 @@ def _plate_nesting(model: Callable, guide: Callable, *args: Any, **kwargs: Any) 
     return max(dims, default=0)
 
 
+def _default_loss(
+    model: Callable, guide: Callable, num_particles: int, /, *args: Any, **kwargs: Any
+) -> pyro.infer.ELBO:
+    """Vectorised ``Trace_ELBO``, its ``max_plate_nesting`` found by tracing guide and model."""
+    nesting = _plate_nesting(model, guide, *args, **kwargs)
+    return pyro.infer.Trace_ELBO(
+        num_particles=num_particles, vectorize_particles=True, max_plate_nesting=nesting
+    )
+
+
+def _beta(step: int, anneal_steps: int) -> float:
+    """Annealing factor of the likelihood at ``step``: linear from `BETA_START` to 1."""
+    return min(1.0, BETA_START + (1 - BETA_START) * step / max(anneal_steps, 1))
+
+
+def _window_ends(step: int, anneal_steps: int, window: int) -> bool:
+    """Whether ``step`` (0-based) closes a window of the stopping rule (annealing excluded)."""
+    done = step + 1 - anneal_steps
+    return done > 0 and done % window == 0
+
+
+def _show(bar: tqdm, step: int, loss: float, lr: float) -> None:
+    """Advance the progress bar by one step; every tenth step, show the loss and rate."""
+    bar.update()
+    if step % 10 == 0:
+        bar.set_postfix(loss=f"{loss:.4g}", lr=f"{lr:.2g}", refresh=False)
+
+
 def _window_stats(losses: list[float]) -> tuple[float, float]:
     """Mean and standard error (sd / sqrt(n)) of the finite losses of one window."""
     x = np.asarray([v for v in losses if math.isfinite(v)], dtype=float)
@@ -117,7 +146,9 @@ def _window_stats(losses: list[float]) -> tuple[float, float]:
 class _Stepper:
     """One SVI step like `pyro.infer.SVI.step`, on a torch optimizer created on first use."""
 
-    def __init__(self, loss, make_optimizer: Callable, clip_norm: float | None):
+    def __init__(
+        self, loss: pyro.infer.ELBO, make_optimizer: Callable, clip_norm: float | None
+    ) -> None:
         self.loss, self.make_optimizer, self.clip_norm = loss, make_optimizer, clip_norm
         self.optimizer: torch.optim.Optimizer | None = None
         self.known: set[int] = set()
@@ -139,6 +170,7 @@ class _Stepper:
             group["lr"] = group["initial_lr"] * self.factor
 
     def set_factor(self, factor: float) -> None:
+        """Set every group's learning rate to its initial rate times ``factor``."""
         self.factor = factor
         for group in self.optimizer.param_groups if self.optimizer else ():
             group["lr"] = group["initial_lr"] * factor
@@ -163,14 +195,15 @@ class _Stepper:
         return loss
 
 
-def _unconstrained(trace) -> list[Tensor]:
+def _unconstrained(trace: Trace) -> list[Tensor]:
+    """The unconstrained tensors behind the param sites of ``trace``."""
     return [site["value"].unconstrained() for site in trace.nodes.values()]
 
 
 class _Schedule:
     """The stopping rule: decay the learning rate after each window without improvement."""
 
-    def __init__(self, lr: float, min_lr: float, decay: float):
+    def __init__(self, lr: float, min_lr: float, decay: float) -> None:
         self.lr, self.min_lr, self.decay = lr, min_lr, decay
         self.best = math.inf
 
@@ -198,6 +231,7 @@ class _Record:
         self.start = time.perf_counter()
 
     def add(self, step: int, loss: float, lr: float) -> None:
+        """Record one step; raise after `MAX_CONSECUTIVE_NONFINITE` non-finite losses in a row."""
         self.losses.append(loss)
         self.seconds.append(time.perf_counter() - self.start)
         self.lrs.append(lr)
@@ -211,6 +245,7 @@ class _Record:
             )
 
     def result(self, stopped: str, window: int, anneal_steps: int) -> GuideTraining:
+        """The record as a `GuideTraining`."""
         return GuideTraining(
             self.losses,
             self.seconds,
@@ -225,34 +260,33 @@ class _Record:
 
 def _check_options(
     *,
-    num_particles,
-    lr,
-    min_lr,
-    max_steps,
-    window,
-    decay,
-    clip_norm,
-    loss,
-    optimizer,
-    anneal_steps,
-    callback,
+    num_particles: Any,
+    lr: Any,
+    min_lr: Any,
+    max_steps: Any,
+    window: Any,
+    decay: Any,
+    clip_norm: Any,
+    loss: Any,
+    optimizer: Any,
+    anneal_steps: Any,
+    callback: Any,
 ) -> None:
-    for name, value, low in [
-        ("num_particles", num_particles, 1),
-        ("max_steps", max_steps, 1),
-        ("window", window, 2),
-        ("anneal_steps", anneal_steps, 0),
-    ]:
-        if not (is_int(value) and value >= low):
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    for name, value in [("lr", lr), ("min_lr", min_lr)] + (
-        [] if clip_norm is None else [("clip_norm", clip_norm)]
-    ):
-        if not (isinstance(value, (int, float)) and 0 < value < math.inf):
-            raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    """Raise a `ValueError` or `TypeError` naming the first invalid option of `train_guide`.
+
+    Counts and rates go through `pyroflows.checks`; ``min_lr <= lr`` and ``0 < decay < 1``
+    are rules of their own.
+    """
+    check_int("num_particles", num_particles)
+    check_int("max_steps", max_steps)
+    check_int("window", window, low=2)
+    check_int("anneal_steps", anneal_steps, low=0)
+    check_real("lr", lr, positive=True)
+    check_real("min_lr", min_lr, positive=True)
+    check_real("clip_norm", clip_norm, positive=True, optional=True)
     if min_lr > lr:
         raise ValueError(f"min_lr must be at most lr, got min_lr={min_lr!r} > lr={lr!r}")
-    if not (isinstance(decay, (int, float)) and 0 < decay < 1):
+    if not (is_real(decay) and 0 < decay < 1):
         raise ValueError(f"decay must be in (0, 1), got {decay!r}")
     if loss is not None and not callable(getattr(loss, "loss_and_grads", None)):
         raise TypeError(f"loss must be a Pyro ELBO (with loss_and_grads), got {loss!r}")
@@ -285,7 +319,10 @@ def train_guide(
     parameter the model and guide touch (params first seen later join the optimizer then),
     clipped to total norm ``clip_norm``. A step whose loss or gradient is not finite is
     skipped and counted; ``MAX_CONSECUTIVE_NONFINITE`` (20) in a row raise a `RuntimeError`.
-    Parameters live in Pyro's param store as usual; nothing global is reseeded or cleared.
+    Parameters live in Pyro's param store as usual (new ones are added, none is cleared), and
+    the ELBO's draws come from the global torch RNG, as in ``SVI.step``: seed it beforehand
+    for a reproducible run. Nothing global is reseeded, and no module's train/eval mode or
+    thread count is changed.
 
     Stopping rule: the losses after annealing are grouped into windows of ``window`` steps.
     A window *improves* when its mean is below the best window mean so far by more than two
@@ -351,26 +388,19 @@ def train_guide(
         callback=callback,
     )
     if loss is None:
-        nesting = _plate_nesting(model, guide, *args, **kwargs)
-        loss = pyro.infer.Trace_ELBO(
-            num_particles=num_particles, vectorize_particles=True, max_plate_nesting=nesting
-        )
+        loss = _default_loss(model, guide, num_particles, *args, **kwargs)
     stepper = _Stepper(loss, optimizer or (lambda p: torch.optim.Adam(p, lr=lr)), clip_norm)
     schedule, temper, record = _Schedule(lr, min_lr, decay), _Temper(), _Record()
     tempered, stopped = temper(model), "max_steps"
     with tqdm(total=max_steps, disable=None if progress is None else not progress) as bar:
         for step in range(max_steps):
-            annealing = step < anneal_steps
-            temper.beta = min(1.0, BETA_START + (1 - BETA_START) * step / max(anneal_steps, 1))
-            value = stepper(tempered if annealing else model, guide, *args, **kwargs)
+            temper.beta = _beta(step, anneal_steps)
+            value = stepper(tempered if step < anneal_steps else model, guide, *args, **kwargs)
             record.add(step, value, schedule.lr)
             if callback is not None:
                 callback(step, value)
-            bar.update()
-            if step % 10 == 0:
-                bar.set_postfix(loss=f"{value:.4g}", lr=f"{schedule.lr:.2g}", refresh=False)
-            done = step + 1 - anneal_steps
-            if done > 0 and done % window == 0:
+            _show(bar, step, value, schedule.lr)
+            if _window_ends(step, anneal_steps, window):
                 if schedule.end_window(record.losses[-window:]):
                     stopped = "converged"
                     break
