@@ -12,11 +12,8 @@ from ..conditioners import MADE, check_order
 from ..transformers import Transformer
 from .base import (
     BoundTransform,
-    FlowModule,
-    FlowTransform,
+    Structure,
     as_rows,
-    check_context,
-    check_sizes,
     parameters_first,
 )
 from .config import decode_network_args, encode_activation, encode_transformer
@@ -24,7 +21,47 @@ from .config import decode_network_args, encode_activation, encode_transformer
 __all__ = ["Autoregressive"]
 
 
-class Autoregressive(FlowModule):
+class _AutoregressiveTransform(BoundTransform):
+    layer: Autoregressive
+
+    def _step(
+        self, source: Tensor, target: Tensor, context: Tensor | None, inverse: bool
+    ) -> tuple[Tensor, Tensor]:
+        """Transform ``target`` (rows) with parameters computed from ``source`` (rows).
+
+        The transformer works on ``(D, N)`` columns, like each slab of the parameters; the
+        result comes back as rows (a transposed view) and ``(N,)`` log-dets.
+        """
+        layer, transformer = self.layer, self.layer.transformer
+        params = layer.conditioner(source, context)
+        theta = parameters_first(params, layer.input_dim, transformer.num_params)
+        step = transformer.inverse if inverse else transformer.forward
+        # Columns: free when the input came from a previous layer as a transposed view.
+        out, ladj = step(theta, target.t().contiguous())
+        return out.t(), ladj.sum(0)
+
+    def _solve(self, u: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
+        """The expensive direction: ``D`` passes, fixing one more feature each pass."""
+        v = torch.zeros_like(u)
+        for _ in range(self.layer.input_dim):
+            v, ladj = self._step(v, u, context, inverse)
+        return v, ladj
+
+    def apply(self, v: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        rows, context, batch = as_rows(v, self.context, self.layer.input_dim)
+        if self.layer.invert != inverse:  # parameters come from the output: D passes
+            out, ladj = self._solve(rows, context, inverse)
+        else:  # parameters come from the input: one pass
+            out, ladj = self._step(rows, rows, context, inverse)
+        return out.reshape(batch + (self.layer.input_dim,)), ladj.reshape(batch)
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        rows, context, batch = as_rows(x, self.context, self.layer.input_dim)
+        source = as_rows(y, self.context, self.layer.input_dim)[0] if self.layer.invert else rows
+        return self._step(source, rows, context, inverse=False)[1].reshape(batch)
+
+
+class Autoregressive(Structure):
     """Autoregressive layer: feature ``i`` is transformed with parameters that depend on the
     features before it (in ``order``) and on the context.
 
@@ -71,6 +108,8 @@ class Autoregressive(FlowModule):
         (torch.Size([5, 3]), torch.Size([5]))
     """
 
+    bound_type = _AutoregressiveTransform
+
     def __init__(
         self,
         input_dim: int,
@@ -84,14 +123,10 @@ class Autoregressive(FlowModule):
         activation: Callable[[], nn.Module] = nn.ReLU,
         conditioner: nn.Module | None = None,
     ):
-        super().__init__()
-        input_dim, context_dim = check_sizes(input_dim, context_dim)
-        self.input_dim, self.context_dim = input_dim, context_dim
-        self.transformer = transformer
+        super().__init__(input_dim, context_dim, transformer, conditioner)
         self.invert = bool(invert)
         self.hidden_dims, self.residual = tuple(hidden_dims), bool(residual)
         self.activation = activation
-        self.custom_conditioner = conditioner is not None
         if conditioner is not None:
             self._custom_order = check_order(order, input_dim)
         else:
@@ -112,20 +147,10 @@ class Autoregressive(FlowModule):
         return self._custom_order if self.custom_conditioner else self.conditioner.order
 
     def extra_repr(self) -> str:
-        return (
-            f"input_dim={self.input_dim}, context_dim={self.context_dim}, "
-            f"invert={self.invert}, transformer={self.transformer!r}"
-        )
-
-    def condition(self, context: Tensor | None = None) -> FlowTransform:
-        check_context(context, self.context_dim, type(self).__name__)
-        return _AutoregressiveTransform(self, context)
+        return f"{super().extra_repr()}, invert={self.invert}"
 
     def get_config(self) -> dict[str, Any]:
-        if self.custom_conditioner:
-            raise TypeError(
-                "an Autoregressive layer with a custom conditioner cannot be saved by config"
-            )
+        self.check_savable()
         return {
             "input_dim": self.input_dim,
             "transformer": encode_transformer(self.transformer),
@@ -140,43 +165,3 @@ class Autoregressive(FlowModule):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Autoregressive:
         return cls(**decode_network_args(config))
-
-
-class _AutoregressiveTransform(BoundTransform):
-    layer: Autoregressive
-
-    def _step(
-        self, source: Tensor, target: Tensor, context: Tensor | None, inverse: bool
-    ) -> tuple[Tensor, Tensor]:
-        """Transform ``target`` (rows) with parameters computed from ``source`` (rows).
-
-        The transformer works on ``(D, N)`` columns, like each slab of the parameters; the
-        result comes back as rows (a transposed view) and ``(N,)`` log-dets.
-        """
-        layer, transformer = self.layer, self.layer.transformer
-        params = layer.conditioner(source, context)
-        theta = parameters_first(params, layer.input_dim, transformer.num_params)
-        step = transformer.inverse if inverse else transformer.forward
-        # Columns: free when the input came from a previous layer as a transposed view.
-        out, ladj = step(theta, target.t().contiguous())
-        return out.t(), ladj.sum(0)
-
-    def _solve(self, u: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
-        """The expensive direction: ``D`` passes, fixing one more feature each pass."""
-        v = torch.zeros_like(u)
-        for _ in range(self.layer.input_dim):
-            v, ladj = self._step(v, u, context, inverse)
-        return v, ladj
-
-    def apply(self, v: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-        rows, context, batch = as_rows(v, self.context, self.layer.input_dim)
-        if self.layer.invert != inverse:  # parameters come from the output: D passes
-            out, ladj = self._solve(rows, context, inverse)
-        else:  # parameters come from the input: one pass
-            out, ladj = self._step(rows, rows, context, inverse)
-        return out.reshape(batch + (self.layer.input_dim,)), ladj.reshape(batch)
-
-    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
-        rows, context, batch = as_rows(x, self.context, self.layer.input_dim)
-        source = as_rows(y, self.context, self.layer.input_dim)[0] if self.layer.invert else rows
-        return self._step(source, rows, context, inverse=False)[1].reshape(batch)

@@ -20,15 +20,17 @@ from typing import Any
 import torch
 from pyro.distributions import TransformModule
 from pyro.distributions.conditional import ConditionalTransformModule
-from torch import Tensor
+from torch import Tensor, nn
 from torch.distributions import Transform, constraints
 
 from ..checks import check_int
+from ..transformers import Transformer
 
 __all__ = [
     "FlowTransform",
     "FlowModule",
     "BoundTransform",
+    "Structure",
     "ContextFree",
     "Inverse",
     "check_event",
@@ -247,6 +249,45 @@ class FlowModule(FlowTransform, TransformModule, ConditionalTransformModule):
     def from_config(cls, config: dict[str, Any]) -> FlowModule:
         """A fresh layer (initial weights) with the structure ``config`` describes."""
         return cls(**config)
+
+
+class Structure(FlowModule):
+    """What `Coupling` and `Autoregressive` share: sizes, a transformer and a conditioner.
+
+    Subclasses set ``self.conditioner`` after calling ``__init__`` and name the
+    `BoundTransform` that ``condition(context)`` returns in ``bound_type``.
+    """
+
+    bound_type: type[BoundTransform]
+
+    def __init__(
+        self,
+        input_dim: int,
+        context_dim: int,
+        transformer: Transformer,
+        conditioner: nn.Module | None,
+    ):
+        super().__init__()
+        self.input_dim, self.context_dim = check_sizes(input_dim, context_dim)
+        self.transformer = transformer
+        self.custom_conditioner = conditioner is not None
+
+    def extra_repr(self) -> str:
+        return (
+            f"input_dim={self.input_dim}, context_dim={self.context_dim}, "
+            f"transformer={self.transformer!r}"
+        )
+
+    def condition(self, context: Tensor | None = None) -> FlowTransform:
+        check_context(context, self.context_dim, type(self).__name__)
+        return self.bound_type(self, context)
+
+    def check_savable(self) -> None:
+        """Raise a `TypeError` for a custom conditioner, which a config cannot describe."""
+        if self.custom_conditioner:
+            raise TypeError(
+                f"a {type(self).__name__} layer with a custom conditioner cannot be saved by config"
+            )
 
 
 class ContextFree(FlowModule):

@@ -12,11 +12,8 @@ from ..conditioners import MLP
 from ..transformers import Transformer
 from .base import (
     BoundTransform,
-    FlowModule,
-    FlowTransform,
+    Structure,
     as_rows,
-    check_context,
-    check_sizes,
     parameters_first,
 )
 from .config import decode_network_args, encode_activation, encode_transformer
@@ -24,7 +21,22 @@ from .config import decode_network_args, encode_activation, encode_transformer
 __all__ = ["Coupling"]
 
 
-class Coupling(FlowModule):
+class _CouplingTransform(BoundTransform):
+    layer: Coupling
+
+    def apply(self, x: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        layer, transformer = self.layer, self.layer.transformer
+        rows, context, batch = as_rows(x, self.context, layer.input_dim)
+        params = layer.conditioner(rows.index_select(1, layer.idx_id), context)
+        theta = parameters_first(params, layer.num_transformed, transformer.num_params)
+        columns = rows.t().index_select(0, layer.idx_tr)  # (n_tr, N), like each slab of theta
+        step = transformer.inverse if inverse else transformer.forward
+        y_tr, ladj = step(theta, columns)
+        y = rows.index_copy(1, layer.idx_tr, y_tr.t())
+        return y.reshape(batch + (layer.input_dim,)), ladj.sum(0).reshape(batch)
+
+
+class Coupling(Structure):
     """Coupling layer: some features pass through unchanged and parameterise the rest.
 
     ``y[id] = x[id]`` and ``y[tr] = T(x[tr]; net(x[id], context))`` for an elementwise
@@ -55,6 +67,8 @@ class Coupling(FlowModule):
         torch.Size([10, 4])
     """
 
+    bound_type = _CouplingTransform
+
     def __init__(
         self,
         input_dim: int,
@@ -66,8 +80,7 @@ class Coupling(FlowModule):
         conditioner: nn.Module | None = None,
         activation: Callable[[], nn.Module] = nn.ReLU,
     ):
-        super().__init__()
-        input_dim, context_dim = check_sizes(input_dim, context_dim)
+        super().__init__(input_dim, context_dim, transformer, conditioner)
         if mask is None:
             mask = torch.arange(input_dim) < input_dim // 2
         mask = torch.as_tensor(mask, dtype=torch.bool)
@@ -75,15 +88,12 @@ class Coupling(FlowModule):
             raise ValueError(f"mask must have shape ({input_dim},), got {tuple(mask.shape)}")
         if bool(mask.all()):
             raise ValueError("mask leaves no feature to transform; some entries must be False")
-        self.input_dim, self.context_dim = input_dim, context_dim
-        self.transformer = transformer
         idx_id, idx_tr = mask.nonzero().squeeze(-1), (~mask).nonzero().squeeze(-1)
         self.register_buffer("mask", mask)
         self.register_buffer("idx_id", idx_id)
         self.register_buffer("idx_tr", idx_tr)
         self.num_transformed = len(idx_tr)
         self.hidden_dims, self.activation = tuple(hidden_dims), activation
-        self.custom_conditioner = conditioner is not None
         if conditioner is None:
             conditioner = MLP(
                 len(idx_id),
@@ -94,19 +104,8 @@ class Coupling(FlowModule):
             )
         self.conditioner = conditioner
 
-    def extra_repr(self) -> str:
-        return (
-            f"input_dim={self.input_dim}, context_dim={self.context_dim}, "
-            f"transformer={self.transformer!r}"
-        )
-
-    def condition(self, context: Tensor | None = None) -> FlowTransform:
-        check_context(context, self.context_dim, type(self).__name__)
-        return _CouplingTransform(self, context)
-
     def get_config(self) -> dict[str, Any]:
-        if self.custom_conditioner:
-            raise TypeError("a Coupling layer with a custom conditioner cannot be saved by config")
+        self.check_savable()
         return {
             "input_dim": self.input_dim,
             "transformer": encode_transformer(self.transformer),
@@ -124,18 +123,3 @@ class Coupling(FlowModule):
         # Files written before 0.2 hold a "merge_index" buffer this layer no longer has.
         state_dict.pop(prefix + "merge_index", None)
         super()._load_from_state_dict(state_dict, prefix, *args)
-
-
-class _CouplingTransform(BoundTransform):
-    layer: Coupling
-
-    def apply(self, x: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-        layer, transformer = self.layer, self.layer.transformer
-        rows, context, batch = as_rows(x, self.context, layer.input_dim)
-        params = layer.conditioner(rows.index_select(1, layer.idx_id), context)
-        theta = parameters_first(params, layer.num_transformed, transformer.num_params)
-        columns = rows.t().index_select(0, layer.idx_tr)  # (n_tr, N), like each slab of theta
-        step = transformer.inverse if inverse else transformer.forward
-        y_tr, ladj = step(theta, columns)
-        y = rows.index_copy(1, layer.idx_tr, y_tr.t())
-        return y.reshape(batch + (layer.input_dim,)), ladj.sum(0).reshape(batch)
