@@ -15,6 +15,15 @@ from .transforms.base import FlowModule, FlowTransform, check_context, check_eve
 __all__ = ["DiagNormal", "Flow", "FlowDistribution"]
 
 
+def _refuse_non_finite(t: Tensor, what: str, validate: bool) -> None:
+    """Raise a `ValueError` if ``validate`` and ``t`` holds NaN or Inf.
+
+    The check needs the host; like torch's own validation it is skipped when compiling.
+    """
+    if validate and not torch.compiler.is_compiling() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{what} NaN or Inf (disable with pyro.enable_validation(False))")
+
+
 class DiagNormal(nn.Module):
     """Diagonal normal base distribution whose ``loc`` and ``scale`` are buffers.
 
@@ -125,15 +134,7 @@ class FlowDistribution(dist.TransformedDistribution):
                 f"values of batch shape {tuple(value.shape[:-1])} do not broadcast with the "
                 f"distribution's batch shape {tuple(self.batch_shape)} (set by the context)"
             ) from None
-        # Value checks need the host; like torch's own validation they are skipped when compiling.
-        if (
-            self._validate_args
-            and not torch.compiler.is_compiling()
-            and not bool(torch.isfinite(value).all())
-        ):
-            raise ValueError(
-                "values contain NaN or Inf (disable with pyro.enable_validation(False))"
-            )
+        _refuse_non_finite(value, "values contain", self._validate_args)
 
     def log_prob(self, value: Tensor) -> Tensor:
         """Log-density of ``value`` (shape ``sample + batch + (D,)``): one inverse pass."""
@@ -316,14 +317,7 @@ class Flow(nn.Module):
                     f"context has dtype {context.dtype}, expected a floating point tensor"
                     + (f" of dtype {expected}" if expected else "")
                 )
-            if (
-                Distribution._validate_args
-                and not torch.compiler.is_compiling()
-                and not bool(torch.isfinite(context).all())
-            ):
-                raise ValueError(
-                    "context contains NaN or Inf (disable with pyro.enable_validation(False))"
-                )
+            _refuse_non_finite(context, "context contains", Distribution._validate_args)
             for t in reversed(self.context_transforms):
                 context = t.inv_and_ladj(context)[0]
             if expected is not None:  # a float64 context reaches the layers in their dtype

@@ -57,6 +57,19 @@ class _Fixed(ContextFree):
         return self
 
 
+def _vector_pair(
+    name_a: str, a: Tensor | Sequence[float], name_b: str, b: Tensor | Sequence[float]
+) -> tuple[Tensor, Tensor]:
+    """``a`` and ``b`` as float64 vectors of one length ``D >= 1``, or a `ValueError`."""
+    a = torch.as_tensor(a, dtype=_F64).flatten()
+    b = torch.as_tensor(b, dtype=_F64).flatten()
+    if a.shape != b.shape or a.numel() == 0:
+        raise ValueError(
+            f"{name_a} and {name_b} need the same shape (D,), got {a.shape}, {b.shape}"
+        )
+    return a, b
+
+
 class Standardize(_Fixed):
     """Fixed affine map ``x = loc + scale * u`` (so ``u`` is the standardised ``x``).
 
@@ -75,12 +88,7 @@ class Standardize(_Fixed):
 
     def __init__(self, loc: Tensor | Sequence[float], scale: Tensor | Sequence[float]):
         super().__init__()
-        loc = torch.as_tensor(loc, dtype=_F64).flatten()
-        scale = torch.as_tensor(scale, dtype=_F64).flatten()
-        if loc.shape != scale.shape or loc.numel() == 0:
-            raise ValueError(
-                f"loc and scale need the same shape (D,), got {loc.shape}, {scale.shape}"
-            )
+        loc, scale = _vector_pair("loc", loc, "scale", scale)
         if not bool(torch.isfinite(loc).all() & torch.isfinite(scale).all() & (scale > 0).all()):
             raise ValueError("loc must be finite and scale finite and positive")
         self.input_dim = loc.numel()
@@ -168,12 +176,7 @@ class SupportMap(_Fixed):
 
     def __init__(self, lower: Tensor | Sequence[float], upper: Tensor | Sequence[float]):
         super().__init__()
-        lower = torch.as_tensor(lower, dtype=_F64).flatten()
-        upper = torch.as_tensor(upper, dtype=_F64).flatten()
-        if lower.shape != upper.shape or lower.numel() == 0:
-            raise ValueError(
-                f"lower and upper need the same shape (D,), got {lower.shape}, {upper.shape}"
-            )
+        lower, upper = _vector_pair("lower", lower, "upper", upper)
         if bool(torch.isnan(lower).any() | torch.isnan(upper).any()):
             raise ValueError("bounds must not be NaN (use -inf / inf for no bound)")
         if not bool((lower < upper).all()) or bool(
