@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import socket
@@ -14,8 +15,16 @@ import pandas as pd
 import pyro.distributions as dist
 import pytest
 import torch
+import torch.distributed as torch_dist
 
+import pyroflows.training.loop as loop_module
 from pyroflows import Standardize, SupportMap, fit, flows
+from pyroflows.training import (
+    is_main_process,
+    negative_log_likelihood,
+    prepare_data,
+    process_group,
+)
 
 SCRIPTS = Path(__file__).parent / "scripts"
 
@@ -210,6 +219,9 @@ class TestBadInput:
             {"validation": 1.0},
             {"schedule": "linear"},
             {"patience": 0},
+            {"seed": -1},
+            {"weight_decay": -0.1},
+            {"clip_grad_norm": 0.0},
         ],
     )
     def test_bad_settings(self, kwargs):
@@ -239,7 +251,10 @@ def test_torchrun_two_processes_matches_single_process(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ddp = json.loads(out.read_text())
-    assert ddp["world_size"] == 2 and ddp["ranks_that_wrote"] == [0]
+    assert ddp["world_size"] == 2
+    # fit created the group, so it destroyed it; is_main_process still knew rank 0 (RANK).
+    assert not ddp["group_left_after_fit"]
+    assert sorted(p.name for p in tmp_path.glob("ddp.json.main*")) == ["ddp.json.main0"]
     # The same fit in this process.
     single = json.loads(
         subprocess.run(
@@ -316,3 +331,184 @@ def test_compiled_fit_trains_like_the_eager_one():
 def test_fit_rejects_an_unknown_compile_backend():
     with pytest.raises(ValueError, match="not a torch.compile backend"):
         fit(flows.maf(2, num_layers=1), torch.randn(50, 2), compile="fastest", progress=False)
+
+
+class TestWhatFitLeaves:
+    """The flow's mode, device and data maps after `fit`, and no global side effects."""
+
+    @pytest.mark.parametrize("training", [True, False])
+    def test_mode_device_and_maps(self, training):
+        data, _ = gaussian_data(n=300)
+        flow = flows.maf(2, num_layers=1, hidden_dims=(8,))
+        flow.train(training)
+        rng = torch.get_rng_state()
+        fit(flow, data, epochs=2, progress=False)
+        assert flow.training == training
+        assert [type(m) for m in flow.data_transforms] == [Standardize]
+        assert all(t.device.type == "cpu" for t in flow.state_dict().values())
+        assert torch.equal(torch.get_rng_state(), rng)  # the global generator is untouched
+
+    def test_invalid_settings_leave_the_flow_unchanged(self):
+        data, _ = gaussian_data(n=300)
+        flow = flows.maf(2, num_layers=1, hidden_dims=(8,))
+        foreign = torch.optim.SGD(flows.maf(2, num_layers=1).parameters(), lr=0.1)
+        with pytest.raises(ValueError, match="not the flow's"):
+            fit(flow, data, optimizer=foreign, progress=False)
+        with pytest.raises(TypeError, match="optimizer must be"):
+            fit(flow, data, optimizer="adam", progress=False)
+        assert len(flow.data_transforms) == 0
+
+    def test_an_exception_closes_the_bar_and_restores_the_mode(self, monkeypatch):
+        closed = []
+
+        class Bar(loop_module.tqdm):
+            def close(self):
+                closed.append(True)
+                super().close()
+
+        def failing(flow, x, context):
+            raise RuntimeError("no loss today")
+
+        monkeypatch.setattr(loop_module, "tqdm", Bar)
+        flow = flows.maf(2, num_layers=1, hidden_dims=(8,)).eval()
+        with pytest.raises(RuntimeError, match="no loss today") as error:
+            fit(flow, torch.randn(100, 2), loss=failing, progress=True)
+        assert closed, error  # closed by fit, not later by garbage collection
+        assert not flow.training
+
+
+def test_custom_optimizer_loss_and_schedule_are_used():
+    data, _ = gaussian_data(n=200)
+    calls = {"loss": 0, "schedule": []}
+
+    def loss(flow, x, context):
+        calls["loss"] += 1
+        return negative_log_likelihood(flow, x, context)
+
+    def schedule(step, total):
+        calls["schedule"].append((step, total))
+        return 0.5
+
+    flow = flows.maf(2, num_layers=1, hidden_dims=(8,))
+    history = fit(
+        flow,
+        data,
+        epochs=2,
+        batch_size=60,  # 180 training rows: 3 steps per epoch
+        optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+        loss=loss,
+        schedule=schedule,
+        progress=False,
+    )
+    assert calls["loss"] == 6
+    assert calls["schedule"] == [(step, 6) for step in range(6)]
+    assert history.learning_rate == [0.05, 0.05]
+    # An optimizer instance: its own rate is the peak rate, also on a second call.
+    sgd = torch.optim.SGD(flow.parameters(), lr=0.2)
+    before = [p.detach().clone() for p in flow.parameters()]
+    for _ in range(2):
+        history = fit(flow, data, epochs=1, batch_size=60, optimizer=sgd, progress=False)
+        assert history.learning_rate == [pytest.approx(0.05)]  # cosine, at step 2 of 3
+    assert any(not torch.equal(a, b) for a, b in zip(before, flow.parameters(), strict=True))
+
+
+class TestPrepareData:
+    def test_validation_rows_and_contexts_get_the_same_row_checks(self):
+        flow = flows.maf(2, 1, num_layers=1)
+        x, c = torch.randn(50, 2), torch.randn(50, 1)
+        bad = x[:10].clone()
+        bad[3, 0] = float("nan")
+        with pytest.raises(ValueError, match=r"validation_data has 1 row\(s\) with NaN or Inf"):
+            prepare_data(flow, x, context=c, validation_data=bad, validation_context=c[:10])
+        with pytest.raises(ValueError, match="validation_context has 9 rows but validation_data"):
+            prepare_data(flow, x, context=c, validation_data=x[:10], validation_context=c[:9])
+        with pytest.raises(ValueError, match="validation_context has 2 columns"):
+            prepare_data(flow, x, context=c, validation_data=x[:9], validation_context=x[:9])
+        c_bad = c.clone()
+        c_bad[7] = float("inf")
+        with pytest.raises(ValueError, match=r"context has 1 row\(s\) .* \(0-based rows 7\)"):
+            prepare_data(flow, x, context=c_bad)
+
+    def test_splits_and_fits_maps_without_changing_the_flow(self):
+        flow = flows.maf(2, 1, num_layers=1)
+        x, c = torch.randn(50, 2) * 3 + 1, torch.randn(50, 1)
+        prepared = prepare_data(flow, x, context=c, validation=0.2, seed=3)
+        assert (prepared.num_train, prepared.num_val) == (40, 10)
+        assert prepared.x_train.dtype == torch.float64
+        rows = torch.cat([prepared.x_train, prepared.x_val]).float()
+        assert torch.equal(rows.sort(0).values, x.sort(0).values)
+        assert prepared.standardized == "fitted" and len(prepared.context_maps) == 1
+        assert len(flow.data_transforms) == 0 and len(flow.context_transforms) == 0
+        prepared.attach_maps(flow)
+        assert len(flow.data_transforms) == 1 and len(flow.context_transforms) == 1
+        assert flow.data_transforms[0] is not prepared.data_maps[0]  # a copy
+        with pytest.raises(ValueError, match="attach the maps once"):
+            prepared.attach_maps(flow)
+        again = prepare_data(flow, x, context=c)
+        assert again.standardized == "kept" and again.data_maps == ()
+
+
+class TestProcessGroup:
+    def test_a_group_the_caller_owns_is_used_and_left(self, tmp_path):
+        torch_dist.init_process_group(
+            "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+        )
+        try:
+            history = fit(flows.maf(2, num_layers=1), torch.randn(100, 2), epochs=1, progress=False)
+            assert torch_dist.is_initialized() and history.world_size == 1
+        finally:
+            torch_dist.destroy_process_group()
+
+    @pytest.fixture
+    def launched_by_torchrun(self, monkeypatch, tmp_path):
+        """WORLD_SIZE=2 in the environment; the group `fit` creates has one process."""
+        real, created = torch_dist.init_process_group, []
+
+        def init(backend, **kwargs):
+            created.append(backend)
+            store = f"file://{tmp_path / f'store{len(created)}'}"
+            real("gloo", init_method=store, rank=0, world_size=1)
+
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setattr(torch_dist, "init_process_group", init)
+        yield created
+        if torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+
+    def test_a_group_fit_creates_is_destroyed_even_on_an_exception(self, launched_by_torchrun):
+        flow = flows.maf(2, num_layers=1)
+        fit(flow, torch.randn(100, 2), epochs=1, progress=False)
+        assert launched_by_torchrun == ["gloo"] and not torch_dist.is_initialized()
+
+        def failing(flow, x, context):
+            raise RuntimeError("interrupted")
+
+        with pytest.raises(RuntimeError, match="interrupted"):
+            fit(flow, torch.randn(100, 2), epochs=1, loss=failing, progress=False)
+        assert len(launched_by_torchrun) == 2 and not torch_dist.is_initialized()
+
+    def test_the_cuda_device_it_selects_is_unselected_after(self, monkeypatch, tmp_path):
+        """NCCL, no GPU index asked for: cuda:LOCAL_RANK is current inside, the old one after."""
+        selected = []
+        monkeypatch.setenv("LOCAL_RANK", "1")
+        monkeypatch.setattr(torch_dist, "get_backend", lambda *args: "nccl")
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+        monkeypatch.setattr(torch.cuda, "set_device", selected.append)
+        torch_dist.init_process_group(
+            "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+        )
+        try:
+            with process_group() as group:
+                assert group.device == torch.device("cuda", 1) and not group.owned
+                assert selected == [torch.device("cuda", 1)]
+            assert selected == [torch.device("cuda", 1), 3]
+            with process_group(torch.device("cpu")) as group:  # a CPU run selects nothing
+                assert group.device == torch.device("cpu")
+            assert len(selected) == 2 and torch_dist.is_initialized()
+        finally:
+            torch_dist.destroy_process_group()
+
+    def test_is_main_process_reads_the_launch_rank_without_a_group(self, monkeypatch):
+        assert is_main_process()
+        monkeypatch.setenv("RANK", "1")
+        assert not is_main_process()
