@@ -160,7 +160,8 @@ class FlowDistribution(dist.TransformedDistribution):
         for t in reversed(learned):
             z, ladj = t.inv_and_ladj(z)
             total = ladj if total is None else total + ladj
-        log_prob = self.base_dist.log_prob(z)
+        # Layers may hand back transposed views (see `transforms.base.parameters_first`).
+        log_prob = self.base_dist.log_prob(z.contiguous())
         return log_prob if total is None else log_prob + total
 
     def rsample_and_log_prob(
@@ -182,7 +183,7 @@ class FlowDistribution(dist.TransformedDistribution):
             for t in learned:
                 x, ladj = t.call_and_ladj(x)
                 log_prob = log_prob - ladj
-            x = x.to(dtype or x.dtype)
+            x = x.to(dtype or x.dtype).contiguous()  # rows, as drawn (layers may transpose)
             for t in maps:
                 x, ladj = t.call_and_ladj(x)
                 log_prob = log_prob - ladj.to(log_prob.dtype)
@@ -207,7 +208,7 @@ class FlowDistribution(dist.TransformedDistribution):
             learned, maps = self._split()
             for t in learned:
                 x = t._call(x)
-            x = x.to(dtype or x.dtype)
+            x = x.to(dtype or x.dtype).contiguous()
             for t in maps:
                 x = t._call(x)
         return x

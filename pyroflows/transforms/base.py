@@ -119,7 +119,7 @@ def parameters_first(params: Tensor, features: int, num_params: int) -> Tensor:
             f"the conditioner must return shape (N, {features * num_params}) ({features} "
             f"features x {num_params} parameters), got {tuple(params.shape)}"
         )
-    return params.t().reshape(features, num_params, -1).transpose(0, 1)
+    return params.reshape(-1, features, num_params).permute(2, 1, 0)
 
 
 class FlowTransform(Transform):
