@@ -115,9 +115,9 @@ class Affine(Transformer):
         soft = torch.tanh(raw / bound)
         if inverse:
             neg_log_scale = soft * -bound
-            return (v - shift) * torch.exp(neg_log_scale), neg_log_scale.expand_as(v)
+            return (v - shift) * torch.exp(neg_log_scale), _shaped_as(neg_log_scale, v)
         log_scale = soft * bound
-        return torch.addcmul(shift, torch.exp(log_scale), v), log_scale.expand_as(v)
+        return torch.addcmul(shift, torch.exp(log_scale), v), _shaped_as(log_scale, v)
 
     def forward(self, params: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         shift, raw = self.checked(params).unbind(0)
@@ -126,6 +126,11 @@ class Affine(Transformer):
     def inverse(self, params: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         shift, raw = self.checked(params).unbind(0)
         return self._map(shift, raw, y, inverse=True)
+
+
+def _shaped_as(t: Tensor, v: Tensor) -> Tensor:
+    """``t`` broadcast to the shape of ``v`` (the structures pass equal shapes: no call)."""
+    return t if t.shape == v.shape else t.expand_as(v)
 
 
 class Additive(Transformer):

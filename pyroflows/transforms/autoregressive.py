@@ -37,7 +37,8 @@ class _AutoregressiveTransform(BoundTransform):
         theta = parameters_first(params, layer.input_dim, transformer.num_params)
         step = transformer.inverse if inverse else transformer.forward
         # Columns: free when the input came from a previous layer as a transposed view.
-        out, ladj = step(theta, target.t().contiguous())
+        columns = target.t()
+        out, ladj = step(theta, columns if columns.is_contiguous() else columns.contiguous())
         return out.t(), ladj.sum(0)
 
     def _solve(self, u: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
