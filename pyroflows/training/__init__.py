@@ -10,14 +10,22 @@ data-parallel training when launched with ``torchrun``. It is three reusable par
 * `train` (module ``loop``): the epochs, with any optimizer, loss and schedule;
 * `process_group` (module ``distributed``): the process group to train in, and who owns it.
 
-Example:
-    >>> import torch
-    >>> from pyroflows import fit, flows
+Example: the parts by hand, with SGD and a loss of your own (`fit` does the same with Adam
+and the negative log-likelihood):
+
+    >>> import functools, torch
+    >>> from pyroflows import flows
+    >>> from pyroflows.training import prepare_data, train
     >>> data = torch.randn(500, 2) * torch.tensor([1.0, 5.0]) + 3.0
     >>> flow = flows.maf(2, num_layers=2, hidden_dims=(16,))
-    >>> history = fit(flow, data, epochs=5, progress=False)
-    >>> len(history.train_loss), history.num_train, history.num_val
-    (5, 450, 50)
+    >>> prepared = prepare_data(flow, data, validation=0.2)
+    >>> prepared.attach_maps(flow)  # the fitted Standardize becomes part of the flow
+    >>> def loss(flow, x, context):
+    ...     return -flow(context).log_prob(x).mean()
+    >>> history = train(flow, prepared, epochs=3, progress=False,
+    ...                 optimizer=functools.partial(torch.optim.SGD, lr=0.01), loss=loss)
+    >>> len(history.train_loss), prepared.num_train, prepared.num_val
+    (3, 400, 100)
 """
 
 from .data import Bounds, PreparedData, as_data_tensor, find_bad_rows, prepare_data

@@ -13,6 +13,7 @@ distributions, through torch's generator as the caller left it.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -85,14 +86,9 @@ class _Chunk:
 
 
 @dataclass
-class _Draws:
-    """Per-draw quantities, each with a leading dimension of ``num_samples`` (host tensors)."""
+class _Draws(_Chunk):
+    """All draws (a `_Chunk` of ``num_samples``) with the observed data and ArviZ labels."""
 
-    posterior: dict[str, Tensor]
-    log_p: Tensor
-    log_q: Tensor
-    log_likelihood: dict[str, Tensor]
-    predictive: dict[str, Tensor]
     observed: dict[str, Tensor]
     dims: dict[str, list[str]]
     coords: dict[str, np.ndarray]
@@ -104,16 +100,17 @@ class _Draws:
 
     def take(self, index: Tensor) -> _Draws:
         """The draws at ``index`` (e.g. importance resampling), observed data unchanged."""
-        pick = {k: v[index] for k, v in self.posterior.items()}
-        return _Draws(
-            posterior=pick,
+
+        def pick(d: dict[str, Tensor]) -> dict[str, Tensor]:
+            return {k: v[index] for k, v in d.items()}
+
+        return dataclasses.replace(
+            self,
+            posterior=pick(self.posterior),
             log_p=self.log_p[index],
             log_q=self.log_q[index],
-            log_likelihood={k: v[index] for k, v in self.log_likelihood.items()},
-            predictive={k: v[index] for k, v in self.predictive.items()},
-            observed=self.observed,
-            dims=self.dims,
-            coords=self.coords,
+            log_likelihood=pick(self.log_likelihood),
+            predictive=pick(self.predictive),
         )
 
 
@@ -405,11 +402,7 @@ def _draw(
     for name in proto.observed:  # log-likelihood has the batch axes only
         dims[f"{name}__loglik"] = proto.sites[name].dims[: proto.sites[name].batch_ndim]
     return _Draws(
-        posterior=joined.posterior,
-        log_p=joined.log_p,
-        log_q=joined.log_q,
-        log_likelihood=joined.log_likelihood,
-        predictive=joined.predictive,
+        **vars(joined),
         observed={k: v.cpu() for k, v in proto.observed_values.items()},
         dims=dims,
         coords=proto.coords,
