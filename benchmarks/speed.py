@@ -69,6 +69,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
+from pyroflows.utils import torch_threads  # noqa: E402 (after the path is set)
+
 FLOWS = ("nsf-coupling", "nsf-ar", "maf", "realnvp", "iaf-svi")
 LIBRARIES = ("pyroflows", "zuko", "pyro")
 MEASURES = ("train", "log_prob", "sample", "memory")
@@ -749,18 +751,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     import pyro
     import pyro.distributions
 
-    threads = torch.get_num_threads()
     validation = (pyro.distributions.is_validation_enabled(), Distribution._validate_args)
     try:
-        return _run(args, parser)
+        with torch_threads(args.threads):
+            return _run(args, parser)
     finally:  # leave the process as it was (the smoke test runs in-process)
-        torch.set_num_threads(threads)
         pyro.enable_validation(validation[0])
         Distribution.set_default_validate_args(validation[1])
 
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
-    """The benchmark itself (`main` restores threads and validation around it)."""
+    """The benchmark itself (`main` sets the threads and restores validation around it)."""
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda given but CUDA is not available")
@@ -768,7 +769,6 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
         parser.error("--timer cpu measures host time; on a GPU use the default wall clock")
     if device.type == "cuda":
         torch.cuda.set_device(device)  # plain torch.cuda calls then mean this device
-    torch.set_num_threads(args.threads)
     import pyro
 
     # Validation off for every library (zuko switches torch's off at import anyway).
