@@ -34,6 +34,8 @@ def _row_scale(*terms: Tensor) -> Tensor:
 class Permute(ContextFree):
     """Reorder features: ``y = x[..., permutation]``. Volume preserving, both ways cheap.
 
+    Takes no context: inside a conditional flow it ignores the one it is given (`ContextFree`).
+
     Args:
         permutation: a permutation of ``range(D)``.
 
@@ -92,6 +94,8 @@ class LULinear(ContextFree):
     triangular with a positive diagonal ``exp(log_diag)``. Initialised to the identity. The
     forward map is a matrix product, the inverse two triangular solves; the log-det is
     ``sum(log_diag)``.
+
+    Takes no context: inside a conditional flow it ignores the one it is given (`ContextFree`).
 
     Args:
         input_dim: size ``D`` of the vectors.
@@ -162,6 +166,8 @@ class ActNorm(ContextFree):
     Starts as the identity. `initialize` sets it from data so that the inverse map
     standardises that data, as Glow's data-dependent initialisation does.
 
+    Takes no context: inside a conditional flow it ignores the one it is given (`ContextFree`).
+
     Args:
         input_dim: size ``D`` of the vectors.
     """
@@ -215,6 +221,8 @@ class Precondition(ContextFree):
     ``s = exp(log_scale)`` correct them. ``L`` is a lower-triangular matrix ``(D, D)`` or,
     for large problems, a diagonal given as a vector ``(D,)``. The inverse is one triangular
     solve; the log-det is ``sum(log_scale) + sum(log diag L)``.
+
+    Takes no context: inside a conditional flow it ignores the one it is given (`ContextFree`).
 
     Args:
         loc: the fixed centre ``(D,)``.

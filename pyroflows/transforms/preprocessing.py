@@ -73,6 +73,8 @@ def _vector_pair(
 class Standardize(_Fixed):
     """Fixed affine map ``x = loc + scale * u`` (so ``u`` is the standardised ``x``).
 
+    Takes no context: inside a conditional flow it ignores the one it is given (`ContextFree`).
+
     Args:
         loc: per-feature location, shape ``(D,)``.
         scale: per-feature positive scale, shape ``(D,)``.
@@ -162,6 +164,8 @@ class SupportMap(_Fixed):
 
     The inverse of a value outside the support gives ``u = 0`` with log-det ``-inf``, so the
     flow's density there is exactly zero (``log_prob = -inf``).
+
+    Takes no context: inside a conditional flow it ignores the one it is given (`ContextFree`).
 
     Args:
         lower: per-feature lower bounds, ``-inf`` where unbounded.
