@@ -68,37 +68,30 @@ def case(request):
     return request.param
 
 
-@pytest.mark.parametrize("batch_shape", BATCH_SHAPES, ids=str)
-def test_shapes(case, batch_shape, dtype, device):
+@pytest.fixture(params=BATCH_SHAPES, ids=str)
+def conditioned(request, case, dtype, device):
+    """The case's layer bound to a context (if it takes one), and inputs of a batch shape."""
     name, cond = case
+    batch_shape = request.param
     layer = make(name, cond, dtype, device)
     x = LAYERS[name].sample(batch_shape + (D,), dtype, device)
-    t = layer.condition(context_for(cond, batch_shape, dtype, device))
-    check_shapes(t, x)
+    return layer.condition(context_for(cond, batch_shape, dtype, device)), x
 
 
-@pytest.mark.parametrize("batch_shape", BATCH_SHAPES, ids=str)
-def test_round_trip(case, batch_shape, dtype, device, tol):
-    name, cond = case
-    layer = make(name, cond, dtype, device)
-    x = LAYERS[name].sample(batch_shape + (D,), dtype, device)
-    check_round_trip(layer.condition(context_for(cond, batch_shape, dtype, device)), x, tol)
+def test_shapes(conditioned):
+    check_shapes(*conditioned)
 
 
-@pytest.mark.parametrize("batch_shape", BATCH_SHAPES, ids=str)
-def test_log_det_matches_autograd_jacobian(case, batch_shape, dtype, device, tol):
-    name, cond = case
-    layer = make(name, cond, dtype, device)
-    x = LAYERS[name].sample(batch_shape + (D,), dtype, device)
-    check_log_det(layer.condition(context_for(cond, batch_shape, dtype, device)), x, tol)
+def test_round_trip(conditioned, tol):
+    check_round_trip(*conditioned, tol)
 
 
-@pytest.mark.parametrize("batch_shape", BATCH_SHAPES, ids=str)
-def test_fused_calls_match_separate_calls(case, batch_shape, dtype, device, tol):
-    name, cond = case
-    layer = make(name, cond, dtype, device)
-    x = LAYERS[name].sample(batch_shape + (D,), dtype, device)
-    check_fused(layer.condition(context_for(cond, batch_shape, dtype, device)), x, tol)
+def test_log_det_matches_autograd_jacobian(conditioned, tol):
+    check_log_det(*conditioned, tol)
+
+
+def test_fused_calls_match_separate_calls(conditioned, tol):
+    check_fused(*conditioned, tol)
 
 
 def test_jacobian_structure(case, dtype, device):
