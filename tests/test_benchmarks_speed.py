@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,3 +71,30 @@ def test_speed_skips_a_missing_library(speed, monkeypatch):
 def test_speed_rejects_unknown_flow(speed):
     with pytest.raises(SystemExit):
         speed.main(["--flows", "no_such_flow"])
+
+
+def test_paired_comparison_runs_and_leaves_the_process_as_it_was():
+    root = Path(__file__).resolve().parents[1]
+    inside = (
+        shutil.which("git")
+        and subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True).returncode
+        == 0
+    )
+    if not inside:
+        pytest.skip("needs a git checkout (the base revision is read with git archive)")
+    paired = load_script("benchmarks/paired.py")
+    threads, validate = torch.get_num_threads(), Distribution._validate_args
+    rows = paired.main(
+        ["--base", "HEAD", "--flows", "maf,iaf", "--dims", "2", "--contexts", "0"]
+        + ["--rounds", "2"]
+    )
+    assert [(r[0], r[3]) for r in rows] == [
+        ("maf", "train"),
+        ("maf", "log_prob"),
+        ("maf", "sample"),
+        ("iaf", "train"),
+        ("iaf", "sample"),
+    ]
+    assert all(math.isfinite(r[4]) and r[4] > 0 for r in rows)
+    assert torch.get_num_threads() == threads and Distribution._validate_args == validate
+    assert not any(m.startswith("pyroflows_base") for m in sys.modules)

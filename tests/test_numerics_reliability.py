@@ -375,7 +375,7 @@ def test_diagnose_needs_at_least_two_draws():
     def guide():
         pyro.sample("mu", dist.Normal(0.0, 1.0))
 
-    with pytest.raises(ValueError, match="num_samples >= 2"):
+    with pytest.raises(ValueError, match="num_samples must be an integer >= 2"):
         diagnose(model, guide, num_samples=1)
 
 
