@@ -9,11 +9,10 @@ provided:
   context), optionally with masked residual blocks. Used by autoregressive layers.
 
 Both zero-initialise their last layer by default, so the transformer starts at the identity.
-Both return ``(..., out_features)``; the structures read a flat output as the ``P``
-parameters of each transformed feature in turn. For a 2-D input ``(N, in)`` both compute
-their last layer as ``W @ h.T`` and return the transpose of that ``(out, N)`` product: the
-same values, laid out so that each output is contiguous over the batch, which lets the
-structures hand each parameter to the transformer as a slab without a copy.
+Both return ``(..., out_features)``. The structures read that output **parameter-major**: for
+``F`` transformed features and ``P`` parameters each, output ``p * F + f`` is parameter ``p``
+of feature ``f``, so each parameter of all the features is one contiguous block of every row
+(and `MADE` orders its outputs that way).
 
 Both see a bounded copy of their input: each value (context included) is clamped to
 ``[-INPUT_LIMIT, INPUT_LIMIT]`` (1e6, far outside any spline interval or standardised data).
@@ -26,7 +25,7 @@ Example:
     >>> import torch
     >>> from pyroflows.conditioners import MADE
     >>> net = MADE(3, num_params=2, hidden_dims=(16,), zero_init=False)
-    >>> net(torch.randn(5, 3)).shape  # the 2 parameters of feature 0, then of 1, then of 2
+    >>> net(torch.randn(5, 3)).shape  # parameter 0 of the 3 features, then parameter 1
     torch.Size([5, 6])
 """
 
@@ -52,29 +51,9 @@ def _bounded(h: Tensor) -> Tensor:
     return h if limit is None else h.clamp(-limit, limit)
 
 
-def _linear_transposed(layer: nn.Linear, h: Tensor) -> Tensor:
-    """``layer(h).T`` computed as ``W @ h.T``: shape ``(out_features, N)`` for ``h`` ``(N, in)``."""
-    weight = layer.weight * layer.mask if isinstance(layer, MaskedLinear) else layer.weight
-    if layer.bias is None:
-        return weight @ h.t()
-    return torch.addmm(layer.bias.unsqueeze(1), weight, h.t())
-
-
-def _forward_transposed(net: nn.Module, h: Tensor) -> Tensor:
-    """``net(h).T`` for a `_Bias` or a ``Sequential`` ending in a linear layer, ``h`` 2-D."""
-    if isinstance(net, _Bias):
-        return net.bias.unsqueeze(1).expand(-1, h.shape[0])
-    for layer in list(net)[:-1]:
-        h = layer(h)
-    return _linear_transposed(net[-1], h)
-
-
 def _run(net: nn.Module, x: Tensor, context: Tensor | None) -> Tensor:
-    """``net`` on the bounded ``x ⊕ context``; batch innermost in memory for 2-D inputs."""
-    h = _bounded(join_context(x, context))
-    if h.dim() == 2:
-        return _forward_transposed(net, h).t()
-    return net(h)
+    """``net`` on the bounded ``x ⊕ context``."""
+    return net(_bounded(join_context(x, context)))
 
 
 def join_context(x: Tensor, context: Tensor | None) -> Tensor:
@@ -186,10 +165,10 @@ class _MaskedResidualBlock(nn.Module):
 class MADE(nn.Module):
     """Masked autoregressive network with optional context and residual blocks.
 
-    The output has shape ``(..., features * num_params)``: the parameters of feature 0, then
-    of feature 1, and so on. The parameters of feature ``i`` depend only on inputs ``j`` with
-    ``rank[j] < rank[i]`` (and on the context), where ``rank`` is the position of each
-    feature in ``order``.
+    The output has shape ``(..., num_params * features)``, parameter-major: output
+    ``p * features + i`` is parameter ``p`` of feature ``i``. The parameters of feature ``i``
+    depend only on inputs ``j`` with ``rank[j] < rank[i]`` (and on the context), where
+    ``rank`` is the position of each feature in ``order``.
 
     Args:
         features: number of input features ``D``.
@@ -230,14 +209,14 @@ class MADE(nn.Module):
             self.net = _Bias(num_params, zero_init)
             return
         in_deg, degs = _made_degrees(order, hidden_dims, context_features)
-        out_deg = in_deg[:features].repeat_interleave(num_params)
+        out_deg = in_deg[:features].repeat(num_params)  # parameter-major
         self.net = _masked_network(in_deg, degs, out_deg, residual, activation)
         if zero_init:
             nn.init.zeros_(self.net[-1].weight)
             nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        """Parameters of shape ``x.shape[:-1] + (features * num_params,)``."""
+        """Parameters of shape ``x.shape[:-1] + (num_params * features,)``, parameter-major."""
         return _run(self.net, x, context)
 
 

@@ -160,8 +160,7 @@ class FlowDistribution(dist.TransformedDistribution):
         for t in reversed(learned):
             z, ladj = t.inv_and_ladj(z)
             total = ladj if total is None else total + ladj
-        # Layers may hand back transposed views (see `transforms.base.parameters_first`).
-        log_prob = self.base_dist.log_prob(z.contiguous())
+        log_prob = self.base_dist.log_prob(z)
         return log_prob if total is None else log_prob + total
 
     def rsample_and_log_prob(
@@ -183,7 +182,7 @@ class FlowDistribution(dist.TransformedDistribution):
             for t in learned:
                 x, ladj = t.call_and_ladj(x)
                 log_prob = log_prob - ladj
-            x = x.to(dtype or x.dtype).contiguous()  # rows, as drawn (layers may transpose)
+            x = x.to(dtype or x.dtype)
             for t in maps:
                 x, ladj = t.call_and_ladj(x)
                 log_prob = log_prob - ladj.to(log_prob.dtype)
@@ -208,7 +207,7 @@ class FlowDistribution(dist.TransformedDistribution):
             learned, maps = self._split()
             for t in learned:
                 x = t._call(x)
-            x = x.to(dtype or x.dtype).contiguous()
+            x = x.to(dtype or x.dtype)
             for t in maps:
                 x = t._call(x)
         return x

@@ -19,7 +19,8 @@ an interrupted or failed save leaves any previous file intact.
 The configuration is derived from the flow's modules when it is saved (each layer's
 `FlowModule.get_config`), so a flow extended after it was built, or assembled by hand from
 pyroflows layers, saves and loads. Files of format 1 (which stored the builder's arguments)
-still load. See the "Files and safety" page of the documentation.
+and format 2 (whose conditioners' output layers were ordered feature-major) still load. See
+the "Files and safety" page of the documentation.
 
 Example:
     >>> import tempfile, torch
@@ -57,6 +58,7 @@ from .transforms import (
     Standardize,
     SupportMap,
 )
+from .transforms.base import Structure
 from .transforms.config import decode_activation, decode_transformer
 
 __all__ = [
@@ -76,7 +78,7 @@ __all__ = [
 #: Marker stored in every model file.
 FORMAT = "pyroflows-model"
 #: Version of the file layout written by `save` (1: builder arguments; 2: one entry per layer).
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 #: Default limit on the values (parameters and buffers) a loaded configuration may allocate.
 MAX_PARAMETERS = 20_000_000
 #: Most layers (and data/context transforms) a model file may describe.
@@ -517,9 +519,15 @@ def _build_v2(config: dict[str, Any]) -> Flow:
 # --------------------------------------------------------------------------- weights
 
 
-def _migrate(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Old state dicts in today's names: the retired coupling ``merge_index`` is dropped."""
-    return {k: v for k, v in state.items() if not k.endswith(".merge_index")}
+def _migrate(flow: Flow, state: dict[str, torch.Tensor], version: int) -> dict[str, torch.Tensor]:
+    """Old weights in today's names and layout: the retired coupling ``merge_index`` is
+    dropped, and before format 3 the conditioners' output rows become parameter-major."""
+    state = {k: v for k, v in state.items() if not k.endswith(".merge_index")}
+    if version < 3:
+        for name, module in flow.named_modules():
+            if isinstance(module, Structure):
+                module.load_feature_major(state, f"{name}.")
+    return state
 
 
 def _check_weights(flow: Flow, state: dict[str, torch.Tensor]) -> None:
@@ -565,9 +573,11 @@ def _check_fixed_values(flow: Flow) -> None:
             raise ValueError("the base distribution's scale must be positive")
 
 
-def _load_weights(flow: Flow, state: dict[str, torch.Tensor], dtype: torch.dtype) -> Flow:
+def _load_weights(
+    flow: Flow, state: dict[str, torch.Tensor], dtype: torch.dtype, version: int
+) -> Flow:
     flow = flow.to(dtype)
-    state = _migrate(state)
+    state = _migrate(flow, state, version)
     _check_weights(flow, state)
     flow.load_state_dict(state)
     _check_fixed_values(flow)
@@ -620,7 +630,9 @@ def load(
     config = _json(path, payload["config"], "configuration")
     try:
         if payload["format_version"] >= 2:
-            flow = _flow_v2(path, config, payload["state_dict"], max_parameters)
+            flow = _flow_v2(
+                path, config, payload["state_dict"], max_parameters, payload["format_version"]
+            )
         else:
             flow = _flow_v1(path, config, payload["state_dict"], max_parameters)
     except ModelFileError:
@@ -635,10 +647,11 @@ def _held(state: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() for t in state.values())
 
 
-def _flow_v2(path: Any, config: Any, state: dict, max_parameters: int) -> Flow:
+def _flow_v2(path: Any, config: Any, state: dict, max_parameters: int, version: int) -> Flow:
+    """A flow from a file of format 2 or 3 (one configuration entry per layer)."""
     config = _check_config_v2(config)
     _check_size(path, _v2_size(config), _held(state), max_parameters)
-    flow = _load_weights(_build_v2(config), state, _FLOAT_DTYPES[config["dtype"]])
+    flow = _load_weights(_build_v2(config), state, _FLOAT_DTYPES[config["dtype"]], version)
     if config["num_parameters"] != sum(p.numel() for p in flow.parameters()):
         raise ValueError("the parameter count does not match the configuration")
     flow.config = config["builder"]
@@ -667,7 +680,7 @@ def _flow_v1(path: Any, config: Any, state: dict, max_parameters: int) -> Flow:
             size = _int(item.get("input_dim"), "input_dim", dim, dim)
             target.append(_FIXED[item["type"]].placeholder(size))
     _unbound_splines(flow)
-    return _load_weights(flow, state, dtype)
+    return _load_weights(flow, state, dtype, version=1)
 
 
 def _unbound_splines(flow: Flow) -> None:
@@ -687,7 +700,7 @@ class ModelDescription:
 
     Attributes:
         path: the file.
-        format_version: its format (1 or 2).
+        format_version: its format (1, 2 or 3).
         dtype: the floating dtype of its parameters.
         input_dim: event size ``D``.
         context_dim: context size (0: unconditional).

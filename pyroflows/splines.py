@@ -511,9 +511,9 @@ def packed_spline(
     The engine behind the three public functions and the spline transformers. ``theta``
     stacks the raw widths (``count_bins``), heights (``count_bins``) and derivatives
     (``count_bins - 1``, ``count_bins + 1`` or ``count_bins`` for the three variants) along
-    its first dimension; its other dimensions broadcast with ``x``. Laying ``theta`` out so
-    that its last dimensions are contiguous (a conditioner's output computed as ``W @ h.T``)
-    makes every operation over the bins a sum of contiguous slabs.
+    its first dimension; its other dimensions broadcast with ``x``. Each slab ``theta[k]``
+    should be laid out like ``x`` (the structures pass views of a parameter-major conditioner
+    output whose rows are contiguous), so every operation over the bins reads whole slabs.
 
     Args:
         x: input, shape ``S``.

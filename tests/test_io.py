@@ -124,6 +124,73 @@ def test_format1_files_still_load(name, context, expected):
     assert described.format_version == 1 and described.input_dim == 2
 
 
+# Files and state dicts written by the code of format 2, whose conditioners' output layers
+# were feature-major, with the log-densities that code gave for the rows below.
+X3 = [[0.5, 1.0, -0.3], [2.0, 0.3, 0.1], [-1.2, 0.4, 0.9]]
+C2 = [[0.1, -0.2], [-1.0, 0.5], [0.3, 0.3]]
+
+
+def _format2_mixed_context():
+    torch.manual_seed(0)
+    coupling = Coupling(3, RationalQuadraticSpline(4), context_dim=2, hidden_dims=(8,))
+    maf = flows.maf(3, 2, num_layers=1, hidden_dims=(8, 8), residual=True).layers[0]
+    return Flow([Inverse(coupling), maf], 3, 2)
+
+
+FORMAT2 = [
+    (
+        "format2_nsf_ar_context",
+        lambda: flows.nsf(3, 2, num_layers=2, hidden_dims=(8, 8), count_bins=4),
+        C2,
+        [-5.07468843460083, -7.244353294372559, -6.863560199737549],
+    ),
+    (
+        "format2_realnvp",
+        lambda: flows.realnvp(3, num_layers=2, hidden_dims=(8,)),
+        None,
+        [-4.1661272048950195, -4.777801513671875, -3.501389503479004],
+    ),
+    (
+        "format2_mixed_context",
+        _format2_mixed_context,
+        C2,
+        [-6.391707897186279, -4.940603733062744, -6.979788303375244],
+    ),
+]
+
+
+@pytest.mark.parametrize("name, build, context, expected", FORMAT2, ids=[f[0] for f in FORMAT2])
+def test_format2_files_and_old_state_dicts_give_the_same_densities(
+    name, build, context, expected, tmp_path
+):
+    x, c = torch.tensor(X3), None if context is None else torch.tensor(context)
+    loaded = load(DATA / f"{name}.pt")
+    assert describe(DATA / f"{name}.pt").format_version == 2
+    rebuilt = build()  # an old state dict records its layers' version: converted on loading
+    rebuilt.load_state_dict(torch.load(DATA / f"{name}_state_dict.pt", weights_only=True))
+    with torch.no_grad():
+        for flow in (loaded, rebuilt):
+            torch.testing.assert_close(
+                flow.condition(c).log_prob(x), torch.tensor(expected), rtol=1e-6, atol=2e-6
+            )
+    # saved again, it is format 3 and loads as it is
+    save(loaded, tmp_path / "m.pt")
+    assert describe(tmp_path / "m.pt").format_version == 3
+    with torch.no_grad():
+        torch.testing.assert_close(
+            load(tmp_path / "m.pt").condition(c).log_prob(x), loaded.condition(c).log_prob(x)
+        )
+
+
+def test_todays_state_dict_round_trips_unconverted():
+    flow = flows.nsf(3, 2, num_layers=2, hidden_dims=(8,), count_bins=4)
+    randomize_(flow, seed=3)
+    again = flows.nsf(3, 2, num_layers=2, hidden_dims=(8,), count_bins=4)
+    again.load_state_dict(flow.state_dict())
+    for name, tensor in flow.state_dict().items():
+        assert torch.equal(again.state_dict()[name], tensor), name
+
+
 def test_describe_reads_without_building(tmp_path, monkeypatch):
     flow = flows.nsf(2, 1, num_layers=3, hidden_dims=(8,))
     fit(

@@ -8,7 +8,7 @@ from torch import nn
 
 from pyroflows import Autoregressive, Coupling
 from pyroflows.conditioners import MADE, MLP
-from pyroflows.testing import check_jacobian_structure
+from pyroflows.testing import check_jacobian_structure, randomize_
 from pyroflows.transformers import (
     Additive,
     Affine,
@@ -16,6 +16,7 @@ from pyroflows.transformers import (
     CircularRationalQuadraticSpline,
     RationalQuadraticSpline,
 )
+from pyroflows.transforms.base import parameters_first
 
 TRANSFORMERS = [
     Affine(),
@@ -87,12 +88,28 @@ def test_custom_conditioner_of_the_wrong_size_is_named():
         layer(torch.zeros(5, 3))
 
 
-@pytest.mark.parametrize("cls", [MLP, MADE])
-def test_conditioner_output_is_batch_innermost_with_the_same_values(cls):
+def test_made_output_is_parameter_major():
+    """Output ``p * D + i`` is parameter ``p`` of feature ``i``: it sees only earlier features."""
     torch.manual_seed(0)
-    net = cls(3, 4, (8,), zero_init=False)
-    x = torch.randn(7, 3)
-    out = net(x)
-    assert out.shape == (7, 12 if cls is MADE else 4)
-    assert out.stride() == (1, 7)  # each output contiguous over the batch
-    torch.testing.assert_close(out, net(x[None])[0])  # the 3-D path computes it row-major
+    d, p = 4, 3
+    net = MADE(d, p, (16, 16), order=[2, 0, 3, 1], zero_init=False)
+    x = torch.randn(d, requires_grad=True)
+    jac = torch.autograd.functional.jacobian(net, x)  # (p * d, d)
+    rank = torch.empty(d, dtype=torch.long)
+    rank[net.order] = torch.arange(d)
+    for k in range(p * d):
+        feature = k % d
+        sees = jac[k].abs() > 0
+        assert not bool(sees[rank >= rank[feature]].any()), (k, feature)
+    # and the structure reads it that way: the layer is triangular in its order
+    layer = Autoregressive(d, Affine(), hidden_dims=(16, 16), order=[2, 0, 3, 1])
+    randomize_(layer)
+    check_jacobian_structure(layer, layer.condition(None), torch.randn(5, d))
+
+
+def test_parameters_first_is_a_view_of_the_parameter_blocks():
+    n, f, p = 5, 3, 2
+    params = torch.arange(n * p * f, dtype=torch.float32).reshape(n, p * f)
+    theta = parameters_first(params, f, p)
+    assert theta.shape == (p, n, f) and theta.data_ptr() == params.data_ptr()
+    assert torch.equal(theta[1, 4], params[4, f : 2 * f])  # parameter 1 of row 4's features

@@ -27,19 +27,13 @@ class _AutoregressiveTransform(BoundTransform):
     def _step(
         self, source: Tensor, target: Tensor, context: Tensor | None, inverse: bool
     ) -> tuple[Tensor, Tensor]:
-        """Transform ``target`` (rows) with parameters computed from ``source`` (rows).
-
-        The transformer works on ``(D, N)`` columns, like each slab of the parameters; the
-        result comes back as rows (a transposed view) and ``(N,)`` log-dets.
-        """
+        """Transform ``target`` (rows) with parameters computed from ``source`` (rows)."""
         layer, transformer = self.layer, self.layer.transformer
         params = layer.conditioner(source, context)
         theta = parameters_first(params, layer.input_dim, transformer.num_params)
         step = transformer.inverse if inverse else transformer.forward
-        # Columns: free when the input came from a previous layer as a transposed view.
-        columns = target.t()
-        out, ladj = step(theta, columns if columns.is_contiguous() else columns.contiguous())
-        return out.t(), ladj.sum(0)
+        out, ladj = step(theta, target)
+        return out, ladj.sum(-1)
 
     def _solve(self, u: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
         """The expensive direction: ``D`` passes, fixing one more feature each pass."""
@@ -91,9 +85,9 @@ class Autoregressive(Structure):
         activation: activation of the MADE.
         conditioner: a custom autoregressive network replacing the MADE: ``net(v, context)``
             maps rows ``(N, D)`` (and ``(N, C)`` contexts, or ``None``) to
-            ``(N, D * num_params)``, the parameters of feature 0, then of feature 1, and so
-            on, where the parameters of feature ``i`` depend only on the features before it
-            in the network's order. The layer cannot check that;
+            ``(N, num_params * D)``, parameter-major (the first parameter of every feature,
+            then the second, ...), where the parameters of feature ``i`` depend only on the
+            features before it in the network's order. The layer cannot check that;
             `pyroflows.testing.check_jacobian_structure` can. With a custom conditioner,
             ``order`` names the network's order and ``hidden_dims``, ``residual`` and
             ``activation`` are not used.
@@ -141,6 +135,11 @@ class Autoregressive(Structure):
                 activation=activation,
             )
         self.conditioner = conditioner
+
+    @property
+    def num_transformed(self) -> int:  # type: ignore[override]
+        """Every feature is transformed: ``input_dim``."""
+        return self.input_dim
 
     @property
     def order(self) -> Tensor:

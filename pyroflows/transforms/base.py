@@ -38,6 +38,7 @@ __all__ = [
     "check_sizes",
     "as_rows",
     "parameters_first",
+    "parameter_major",
 ]
 
 
@@ -107,19 +108,27 @@ def as_rows(
 
 
 def parameters_first(params: Tensor, features: int, num_params: int) -> Tensor:
-    """A conditioner's output as a transformer's parameters: ``(N, F * P)`` -> ``(P, F, N)``.
+    """A conditioner's output as a transformer's parameters: ``(N, P * F)`` -> ``(P, N, F)``.
 
-    The output holds the ``P`` parameters of feature 0, then of feature 1, and so on (what
-    `MLP` and `MADE` emit). The result is a view: the built-in conditioners compute their
-    last layer as ``W @ h.T``, so each parameter's ``(F, N)`` slab is contiguous over the
-    batch, which is the layout the spline kernel reads fastest.
+    The output is parameter-major: output ``p * F + f`` is parameter ``p`` of feature ``f``
+    (what `MLP` and `MADE` are read as), so in every row each parameter of the ``F`` features
+    is one contiguous block, and the result is a view whose slabs ``[p]`` line up with the
+    rows ``(N, F)`` they transform.
     """
     if params.dim() != 2 or params.shape[1] != features * num_params:
         raise ValueError(
-            f"the conditioner must return shape (N, {features * num_params}) ({features} "
-            f"features x {num_params} parameters), got {tuple(params.shape)}"
+            f"the conditioner must return shape (N, {features * num_params}) ({num_params} "
+            f"parameters x {features} features), got {tuple(params.shape)}"
         )
-    return params.reshape(-1, features, num_params).permute(2, 1, 0)
+    return params.reshape(-1, num_params, features).transpose(0, 1)
+
+
+def parameter_major(rows: Tensor, features: int, num_params: int) -> Tensor:
+    """The rows of a conditioner's output layer (its weight, bias or mask) reordered from the
+    feature-major layout of files written before format 3 (row ``f * P + p``) to today's
+    parameter-major one (row ``p * F + f``)."""
+    shape = rows.shape
+    return rows.reshape(features, num_params, *shape[1:]).transpose(0, 1).reshape(shape)
 
 
 class FlowTransform(Transform):
@@ -259,6 +268,11 @@ class Structure(FlowModule):
     """
 
     bound_type: type[BoundTransform]
+    #: Number of features the transformer maps (what the conditioner gives parameters for).
+    num_transformed: int
+    #: State-dict version: 2 reads the conditioner's output parameter-major; 1 (before
+    #: pyroflows 0.3) feature-major, converted on load (see `load_feature_major`).
+    _version = 2
 
     def __init__(
         self,
@@ -281,6 +295,32 @@ class Structure(FlowModule):
     def condition(self, context: Tensor | None = None) -> FlowTransform:
         check_context(context, self.context_dim, type(self).__name__)
         return self.bound_type(self, context)
+
+    def load_feature_major(self, state: dict[str, Tensor], prefix: str) -> None:
+        """Convert, in ``state``, this layer's output-layer rows from feature-major order.
+
+        For state dicts and model files written before the outputs became parameter-major; a
+        custom conditioner's rows are the user's to order and are left alone.
+        """
+        if self.custom_conditioner:
+            return
+        net = self.conditioner.net
+        where = f"{prefix}conditioner.net." + (
+            f"{len(net) - 1}." if isinstance(net, nn.Sequential) else ""
+        )
+        for name in ("weight", "bias", "mask"):
+            if where + name in state:
+                state[where + name] = parameter_major(
+                    state[where + name], self.num_transformed, self.transformer.num_params
+                )
+
+    def _load_from_state_dict(
+        self, state_dict: dict, prefix: str, local_metadata: dict, *args: Any
+    ) -> None:
+        state_dict.pop(prefix + "merge_index", None)  # a Coupling buffer before 0.2
+        if local_metadata.get("version", self._version) < 2:
+            self.load_feature_major(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
 
     def check_savable(self) -> None:
         """Raise a `TypeError` for a custom conditioner, which a config cannot describe."""

@@ -29,11 +29,10 @@ class _CouplingTransform(BoundTransform):
         rows, context, batch = as_rows(x, self.context, layer.input_dim)
         params = layer.conditioner(rows.index_select(1, layer.idx_id), context)
         theta = parameters_first(params, layer.num_transformed, transformer.num_params)
-        columns = rows.t().index_select(0, layer.idx_tr)  # (n_tr, N), like each slab of theta
         step = transformer.inverse if inverse else transformer.forward
-        y_tr, ladj = step(theta, columns)
-        y = rows.index_copy(1, layer.idx_tr, y_tr.t())
-        return y.reshape(batch + (layer.input_dim,)), ladj.sum(0).reshape(batch)
+        y_tr, ladj = step(theta, rows.index_select(1, layer.idx_tr))
+        y = rows.index_copy(1, layer.idx_tr, y_tr)
+        return y.reshape(batch + (layer.input_dim,)), ladj.sum(-1).reshape(batch)
 
 
 class Coupling(Structure):
@@ -53,8 +52,8 @@ class Coupling(Structure):
             unchanged. Default: the first ``D // 2`` features.
         conditioner: a custom network replacing the default MLP: ``net(x_id, context)``
             maps rows ``(N, D_id)`` (and ``(N, C)`` contexts, or ``None``) to
-            ``(N, n_tr * num_params)``: the parameters of the first transformed feature, then
-            of the second, and so on.
+            ``(N, num_params * n_tr)``, parameter-major: the first parameter of every
+            transformed feature, then the second, and so on.
         activation: activation of the default MLP.
 
     Example:
@@ -118,8 +117,3 @@ class Coupling(Structure):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Coupling:
         return cls(**decode_network_args(config))
-
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
-        # Files written before 0.2 hold a "merge_index" buffer this layer no longer has.
-        state_dict.pop(prefix + "merge_index", None)
-        super()._load_from_state_dict(state_dict, prefix, *args)
