@@ -270,8 +270,8 @@ class Structure(FlowModule):
     bound_type: type[BoundTransform]
     #: Number of features the transformer maps (what the conditioner gives parameters for).
     num_transformed: int
-    #: State-dict version: 2 reads the conditioner's output parameter-major; 1 (before
-    #: pyroflows 0.3) feature-major, converted on load (see `load_feature_major`).
+    #: State-dict version: 2 reads the conditioner's output parameter-major; 1 (state dicts
+    #: saved before model format 3) feature-major, converted on load (`load_feature_major`).
     _version = 2
 
     def __init__(
@@ -317,7 +317,7 @@ class Structure(FlowModule):
     def _load_from_state_dict(
         self, state_dict: dict, prefix: str, local_metadata: dict, *args: Any
     ) -> None:
-        state_dict.pop(prefix + "merge_index", None)  # a Coupling buffer before 0.2
+        state_dict.pop(prefix + "merge_index", None)  # a retired Coupling buffer (format-1 files)
         if local_metadata.get("version", self._version) < 2:
             self.load_feature_major(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
