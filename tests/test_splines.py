@@ -278,3 +278,15 @@ def test_second_derivatives_raise():
     (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice|does not require grad"):
         g.sum().backward()
+
+
+def test_the_bound_tanh_is_tanh():
+    from pyroflows.splines import _tanh_of_scaled
+
+    u = torch.cat([torch.linspace(-40, 40, 20001), torch.tensor([0.0, 1e-30, -1e-30, 1e30])])
+    for bound in (2.0, 0.5, 7.0):
+        got = _tanh_of_scaled(u, bound)
+        torch.testing.assert_close(got, torch.tanh(u / bound), atol=2e-7, rtol=0)
+        assert bool((got.abs() <= 1).all())
+    u64 = u.double()
+    torch.testing.assert_close(_tanh_of_scaled(u64, 2.0), torch.tanh(u64 / 2.0), atol=1e-15, rtol=0)
