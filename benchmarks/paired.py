@@ -164,8 +164,8 @@ def _compare(args: argparse.Namespace, base_pkg: ModuleType) -> list:
             t_old, t_new, ratios = paired(
                 old[op], new[op], max(5, args.rounds // 4) if slow else args.rounds
             )
-            q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
             ratio = statistics.median(ratios)
+            q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratio] * 3
             rows.append((kind, dim, context, op, ratio))
             print(
                 f"| {kind} | {dim} | {context} | {op} | {1e3 * t_old:.2f} | {1e3 * t_new:.2f} "

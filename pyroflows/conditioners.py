@@ -79,7 +79,8 @@ def _check_dims(hidden_dims: Sequence[int]) -> tuple[int, ...]:
     if isinstance(hidden_dims, int):
         hidden_dims = (hidden_dims,)
     hidden_dims = tuple(hidden_dims)
-    if not hidden_dims or any(not isinstance(h, int) or h < 1 for h in hidden_dims):
+    # Python ints only (not NumPy's): the widths are saved as JSON by the layers' configs.
+    if not hidden_dims or any(type(h) is not int or h < 1 for h in hidden_dims):
         raise ValueError(f"hidden_dims must be one or more positive integers, got {hidden_dims!r}")
     return hidden_dims
 
