@@ -81,6 +81,7 @@ __all__ = [
     "rational_quadratic_spline",
     "bounded_rational_quadratic_spline",
     "circular_rational_quadratic_spline",
+    "tanh_of_scaled",
 ]
 
 DEFAULT_MIN_BIN_WIDTH = 1e-3
@@ -253,13 +254,17 @@ def _rq_grads(
     return g_v, -g_v, g_wk, g_out, g_hk, g_d0, g_d1
 
 
-def _tanh_of_scaled(raw: Tensor, bound: float) -> Tensor:
-    """``tanh(raw / bound)``; on the CPU as ``2 sigmoid(2 raw / bound) - 1``, the same function
+def tanh_of_scaled(raw: Tensor, bound: float) -> Tensor:
+    """``tanh(raw / bound)``, the soft bound of raw spline and affine parameters.
+
+    On the CPU it is computed as ``2 sigmoid(2 raw / bound) - 1``, the same function
     (absolute error below 1e-7 in float32) at under half the time of ``torch.tanh`` there
     (16 x 8,192 values: 180 against 510 us, division included)."""
     if raw.device.type != "cpu":
         return torch.tanh(raw / bound)
-    return torch.sigmoid(raw * (2.0 / bound)).mul_(2.0).sub_(1.0)
+    s = torch.sigmoid(raw * (2.0 / bound))
+    # sigmoid's backward reads its output: scale it in place only outside autograd
+    return (s.mul(2.0) if s.requires_grad else s.mul_(2.0)).sub_(1.0)
 
 
 def _softmax_numerators(raw: Tensor, raw_bound: float) -> tuple[Tensor, Tensor | None]:
@@ -267,11 +272,11 @@ def _softmax_numerators(raw: Tensor, raw_bound: float) -> tuple[Tensor, Tensor |
     unless bounded (then within ``+-raw_bound``); also ``tanh(raw / raw_bound)`` if bounded."""
     e = _out(raw.new_empty(raw.shape))
     if raw_bound <= 30.0:  # exp of values within +-30 needs no max shift
-        tanh_wh = _tanh_of_scaled(raw, raw_bound)
+        tanh_wh = tanh_of_scaled(raw, raw_bound)
         return torch.exp(torch.mul(tanh_wh, raw_bound, out=e), out=e), tanh_wh
     tanh_wh = None
     if raw_bound != math.inf:
-        tanh_wh = _tanh_of_scaled(raw, raw_bound)
+        tanh_wh = tanh_of_scaled(raw, raw_bound)
         raw = tanh_wh * raw_bound
     return torch.exp(torch.sub(raw, raw.amax(1, keepdim=True), out=e), out=e), tanh_wh
 
@@ -302,7 +307,7 @@ def _knot_derivatives(
     if raw_d.shape[0]:
         pre = torch.gather(raw_d, 0, d_index)
         if raw_bound != math.inf:  # bound the two gathered values only, not every knot's
-            tanh_d = _tanh_of_scaled(pre, raw_bound)
+            tanh_d = tanh_of_scaled(pre, raw_bound)
             pre = tanh_d * raw_bound
         pre = pre.add_(_derivative_shift(min_derivative))
         d = F.softplus(pre).add_(min_derivative)

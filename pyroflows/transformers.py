@@ -40,6 +40,7 @@ from .splines import (
     DEFAULT_MIN_DERIVATIVE,
     check_spline_args,
     packed_spline,
+    tanh_of_scaled,
 )
 
 __all__ = [
@@ -112,7 +113,7 @@ class Affine(Transformer):
 
     def _map(self, shift: Tensor, raw: Tensor, v: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         bound = self.log_scale_bound
-        soft = torch.tanh(raw / bound)
+        soft = tanh_of_scaled(raw, bound)
         if inverse:
             neg_log_scale = soft * -bound
             return (v - shift) * torch.exp(neg_log_scale), _shaped_as(neg_log_scale, v)

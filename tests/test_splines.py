@@ -281,7 +281,7 @@ def test_second_derivatives_raise():
 
 
 def test_the_bound_tanh_is_tanh():
-    from pyroflows.splines import _tanh_of_scaled
+    from pyroflows.splines import tanh_of_scaled as _tanh_of_scaled
 
     u = torch.cat([torch.linspace(-40, 40, 20001), torch.tensor([0.0, 1e-30, -1e-30, 1e30])])
     for bound in (2.0, 0.5, 7.0):
@@ -290,3 +290,7 @@ def test_the_bound_tanh_is_tanh():
         assert bool((got.abs() <= 1).all())
     u64 = u.double()
     torch.testing.assert_close(_tanh_of_scaled(u64, 2.0), torch.tanh(u64 / 2.0), atol=1e-15, rtol=0)
+    # under autograd (the affine transformer's path) the gradient is tanh's
+    v = torch.linspace(-8, 8, 101, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(_tanh_of_scaled(v, 3.0).sum(), v)
+    torch.testing.assert_close(g, (1 - torch.tanh(v / 3.0) ** 2) / 3.0, atol=1e-12, rtol=0)

@@ -141,6 +141,118 @@ def test_non_finite_loss_is_rejected_and_recovered():
     assert all(math.isfinite(v) for v in history.train_loss + history.val_loss)
 
 
+def test_steps_checked_in_windows_undo_the_bad_step_and_the_rest_of_its_window(monkeypatch):
+    """On an accelerator steps are checked in windows (here of four); the first non-finite one
+    is recorded, the weights go back to the best epoch's and the window's rows are dropped."""
+    monkeypatch.setattr(loop_module, "steps_between_checks", lambda device: 4)
+    data, _ = gaussian_data(n=600)  # 540 training rows: 6 steps per epoch, windows 0-3, 4-5
+    flow = flows.maf(2, num_layers=2, hidden_dims=(8,))
+    calls = {"n": 0}
+
+    def poison(module, inputs, output):  # the 5th training pass: step 4 of epoch 0
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] == 5 else output
+
+    handle = flow.layers[0].conditioner.register_forward_hook(poison)
+    history = fit(flow, data, epochs=3, batch_size=100, lr=1e-2, progress=False)
+    handle.remove()
+    assert [(r["epoch"], r["step"]) for r in history.rejected_steps] == [(0, 4)]
+    assert math.isnan(history.rejected_steps[0]["loss"])
+    assert all(torch.isfinite(p).all() for p in flow.parameters())
+    assert all(math.isfinite(v) for v in history.train_loss + history.val_loss)
+
+
+def test_steps_are_checked_one_by_one_on_the_cpu():
+    assert loop_module.steps_between_checks(torch.device("cpu")) == 1
+    assert loop_module.steps_between_checks(torch.device("cuda", 0)) > 1
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        functools.partial(flows.nsf, coupling=True),
+        flows.nsf,
+        flows.maf,
+        flows.realnvp,
+    ],
+    ids=["nsf-coupling", "nsf-ar", "maf", "realnvp"],
+)
+@pytest.mark.parametrize("context", [0, 3])
+def test_a_training_step_never_waits_for_the_device(build, context):
+    """A step (maps, log-density, backward, clipping, Adam) on the ``meta`` device, which
+    holds no values: any read of a value back to the host (``.item()``, ``bool(t)``, a
+    data-dependent shape) raises there, so none is made; on CUDA it would stall the queue."""
+    x = torch.randn(64, 4).exp()
+    c = torch.randn(64, context) if context else None
+    flow = build(4, context_dim=context, num_layers=2, hidden_dims=(8,))
+    prepared = prepare_data(flow, x, context=c, bounds=[(0, None)] + [(None, None)] * 3)
+    prepared.attach_maps(flow)
+    flow.to("meta")
+    steps = loop_module._Steps(
+        flow,
+        loop_module._LossModule(flow, negative_log_likelihood),
+        torch.optim.Adam(flow.parameters()),
+        loop_module.cosine_schedule,
+        5.0,
+        10,
+        torch.device("meta"),
+    )
+    xb = prepared.x_train[:32].double().to("meta")
+    cb = None if c is None else prepared.c_train[:32].double().to("meta")
+    for _ in range(2):  # the second step runs Adam on its state
+        stats = steps._step(xb, cb)
+    assert stats.device.type == "meta" and stats.shape == (2,)
+
+
+def test_streamed_batches_are_the_rows_in_order():
+    """Host rows streamed through the two staging buffers: each batch holds its rows (with
+    their contexts) until the batch after next is requested."""
+    x, c = torch.randn(250, 3), torch.randn(250, 2)
+    idx = torch.randperm(250, generator=torch.Generator().manual_seed(0))
+    batches = loop_module._streamed(x, c, idx, 64, torch.device("cpu"))
+    for start, (xb, cb) in zip(range(0, 250, 64), batches, strict=True):
+        torch.testing.assert_close(xb, x[idx[start : start + 64]], rtol=0, atol=0)
+        torch.testing.assert_close(cb, c[idx[start : start + 64]], rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_rows_too_large_for_the_gpu_stream_from_the_host(monkeypatch):
+    """Rows kept on the host (as when over a quarter of the free memory) train like rows on
+    the device: the same shuffled batches, so the same losses."""
+    data, _ = gaussian_data(n=2000)
+    histories = []
+    for fits in (True, False):
+        monkeypatch.setattr(loop_module, "_fits", lambda device, *t, fits=fits: fits)
+        torch.manual_seed(0)
+        flow = flows.maf(2, num_layers=2, hidden_dims=(16,))
+        histories.append(fit(flow, data, epochs=3, device="cuda", progress=False))
+    np.testing.assert_allclose(histories[0].train_loss, histories[1].train_loss, rtol=1e-5)
+    np.testing.assert_allclose(histories[0].val_loss, histories[1].val_loss, rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_a_cuda_training_step_never_synchronises():
+    """CUDA's sync debug mode turns any host synchronisation inside a step into an error."""
+    flow = flows.nsf(4, num_layers=2, hidden_dims=(16,)).cuda()
+    steps = loop_module._Steps(
+        flow,
+        loop_module._LossModule(flow, negative_log_likelihood),
+        torch.optim.Adam(flow.parameters()),
+        loop_module.cosine_schedule,
+        5.0,
+        10,
+        torch.device("cuda", 0),
+    )
+    x = torch.randn(256, 4, device="cuda")
+    steps._step(x, None)  # the first step creates Adam's state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        steps._step(x, None)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_bounded_column_has_zero_density_outside():
     gen = torch.Generator().manual_seed(0)
     data = torch.cat(

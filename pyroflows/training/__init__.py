@@ -40,6 +40,7 @@ from .loop import (
     cosine_schedule,
     negative_log_likelihood,
     rows_per_rank,
+    steps_between_checks,
     train,
 )
 
@@ -58,6 +59,7 @@ __all__ = [
     "as_data_tensor",
     "find_bad_rows",
     "rows_per_rank",
+    "steps_between_checks",
     "Bounds",
     "Loss",
     "Schedule",

@@ -1,8 +1,9 @@
 """The training loop: minibatch steps with an optimizer, a loss and a learning-rate schedule.
 
 `train` runs epochs over `PreparedData` rows: each step sets the learning rate from the
-schedule, clips the gradient norm and skips (and undoes) steps whose loss or gradient is not
-finite; each epoch ends with the validation loss, the best weights so far and early
+schedule, clips the gradient norm and undoes steps whose loss or gradient is not finite
+(checked in windows on an accelerator, so the host never waits inside a step: see
+`steps_between_checks`); each epoch ends with the validation loss, the best weights so far and early
 stopping. When a process group is initialised (see `process_group`), every process trains
 on its own shard of each epoch's rows and `DistributedDataParallel` averages the gradients.
 
@@ -51,6 +52,7 @@ __all__ = [
     "negative_log_likelihood",
     "cosine_schedule",
     "constant_schedule",
+    "steps_between_checks",
     "Loss",
     "Schedule",
     "OptimizerFactory",
@@ -65,6 +67,8 @@ OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
 #: Training stops (keeping the best weights) after this many non-finite steps.
 MAX_REJECTED_STEPS = 20
+#: Steps between finiteness checks on an accelerator (see `steps_between_checks`).
+ACCELERATOR_CHECK_EVERY = 16
 
 
 @dataclass
@@ -86,7 +90,10 @@ class FitHistory:
         stopped_early: whether early stopping ended training.
         wall_time: seconds spent in `fit` (in `train` when called alone).
         rejected_steps: one entry per step whose loss or gradient was not finite:
-            the step was skipped, the best weights restored and the learning rate halved.
+            the step was undone (the best weights restored, the optimizer state cleared)
+            and the learning rate halved. On an accelerator, where steps are checked in
+            windows (`steps_between_checks`), the steps after it in its window are undone
+            too and their rows are not counted.
         num_train: rows used for training (over all processes).
         num_val: rows used for validation.
         standardized: ``"fitted"``, ``"kept"`` (the flow already had data transforms) or
@@ -155,7 +162,7 @@ def train(
     """Train ``flow`` on prepared rows where it is; it ends with its best epoch's weights.
 
     The flow trains on the device of its parameters (rows that would take over a quarter of
-    the free GPU memory stay pinned on the host and move batch by batch) and ends in the
+    the free GPU memory stay on the host and stream through pinned buffers) and ends in the
     train/eval mode it started in, also when an exception stops training. Rows go through
     the flow's data maps, so attach them first (`PreparedData.attach_maps`). With an
     initialised process group every process calls `train` with the same rows.
@@ -365,6 +372,7 @@ class _Steps:
             group.setdefault("initial_lr", group["lr"]) for group in optimizer.param_groups
         ]
         self.lr_scale, self.count = 1.0, 0
+        self.check_every = steps_between_checks(device)
 
     def epoch(
         self,
@@ -373,33 +381,26 @@ class _Steps:
         best: _Best,
         history: FitHistory,
     ) -> float:
-        """Step through ``batches``; the mean loss of the accepted steps (over processes)."""
+        """Step through ``batches``; the mean loss of the accepted steps (over processes).
+
+        Steps are checked for finite losses and gradients every `steps_between_checks`
+        steps, so that on a GPU the host queues steps without waiting for them.
+        """
         total = torch.zeros((), dtype=torch.float64, device=self.device)  # read once
-        count = 0
+        count, window = 0, _Window(epoch)
         for b, (xb, cb) in enumerate(batches):
-            loss, stats = self._step(xb, cb)
-            if stats is None:
-                total += loss.detach().to(torch.float64) * len(xb)
-                count += len(xb)
+            window.add(b, len(xb), self._step(xb, cb))
+            if len(window.stats) < self.check_every:
                 continue
-            self.flow.load_state_dict(best.state)
-            self.optimizer.state.clear()
-            self.lr_scale *= 0.5
-            history.rejected_steps.append(
-                {
-                    "epoch": epoch,
-                    "step": b,
-                    "loss": float(stats[0]),
-                    "grad_norm": float(stats[1]),
-                    "new_lr_scale": self.lr_scale,
-                }
-            )
+            count += window.settle(self, total, best, history)
             if len(history.rejected_steps) >= MAX_REJECTED_STEPS:
                 break
+        if window.stats:
+            count += window.settle(self, total, best, history)
         return _reduce_mean(float(total), count, self.device)
 
-    def _step(self, x: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """One step; the loss and, for a step refused as non-finite, its loss and grad norm."""
+    def _step(self, x: Tensor, c: Tensor | None) -> Tensor:
+        """One step, applied without waiting for it; its loss and gradient norm (a tensor)."""
         factor = self.schedule(self.count, self.total)
         for group, peak in zip(self.optimizer.param_groups, self.peaks, strict=True):
             group["lr"] = peak * self.lr_scale * factor
@@ -415,11 +416,61 @@ class _Steps:
             if self.clip is not None
             else _grad_norm(self.flow)
         )
-        stats = torch.stack([loss.detach(), norm.detach().to(loss.dtype)]).float()
-        if not _all_finite(stats):
-            return loss, stats
         self.optimizer.step()
-        return loss, None
+        return torch.stack([loss.detach(), norm.detach().to(loss.dtype)])
+
+    def undo(self, best: _Best) -> None:
+        """Back to the best weights with a fresh optimizer state and half the learning rate."""
+        self.flow.load_state_dict(best.state)
+        self.optimizer.state.clear()
+        self.lr_scale *= 0.5
+
+
+def steps_between_checks(device: torch.device) -> int:
+    """How many training steps run between two checks that they were finite.
+
+    Each check reads a value back from the device and so waits for every queued step. On
+    the CPU that costs nothing and every step is checked; on an accelerator the host checks
+    every `ACCELERATOR_CHECK_EVERY` steps (and at the end of each epoch).
+    """
+    return 1 if device.type in ("cpu", "meta") else ACCELERATOR_CHECK_EVERY
+
+
+class _Window:
+    """Steps applied since the last check: their batch numbers, row counts and statistics."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+        self.steps: list[tuple[int, int]] = []
+        self.stats: list[Tensor] = []
+
+    def add(self, step: int, rows: int, stats: Tensor) -> None:
+        """Record an applied step's ``(loss, grad_norm)``."""
+        self.steps.append((step, rows))
+        self.stats.append(stats)
+
+    def settle(self, steps: _Steps, total: Tensor, best: _Best, history: FitHistory) -> int:
+        """Add the losses of the steps before the first non-finite one to ``total`` (in
+        place) and return their rows; undo that step and the ones after it, if any."""
+        bad = _non_finite(torch.stack(self.stats))
+        first = bad.index(True) if True in bad else len(bad)
+        for (_, rows), stats in zip(self.steps[:first], self.stats[:first], strict=True):
+            total += stats[0].to(torch.float64) * rows
+        accepted = sum(rows for _, rows in self.steps[:first])
+        if first < len(bad):
+            steps.undo(best)
+            loss, grad_norm = self.stats[first].tolist()
+            history.rejected_steps.append(
+                {
+                    "epoch": self.epoch,
+                    "step": self.steps[first][0],
+                    "loss": loss,
+                    "grad_norm": grad_norm,
+                    "new_lr_scale": steps.lr_scale,
+                }
+            )
+        self.steps, self.stats = [], []
+        return accepted
 
 
 def _end_of_epoch(
@@ -458,46 +509,90 @@ def _place_rows(
     """The training and validation rows and contexts, placed for the flow.
 
     Rows go through the flow's float64 data maps when it has them (so the learned layers
-    see the float64-standardised values); otherwise they are cast to the flow's dtype.
+    see the float64-standardised values); otherwise they are cast to the flow's dtype. Each
+    split moves to ``device`` with its contexts when it fits comfortably (a quarter of the
+    free GPU memory); else both stay on the host and `_batches` streams them.
     """
     dtype = _first_parameter(flow).dtype
     x_dtype = torch.float64 if len(flow.data_transforms) else dtype
     c_dtype = torch.float64 if len(flow.context_transforms) else dtype
-    return (
-        _place(data.x_train, device, x_dtype),
-        _place(data.c_train, device, c_dtype),
-        _place(data.x_val, device, x_dtype),
-        _place(data.c_val, device, c_dtype),
-    )
+    placed = []
+    for x, c in ((data.x_train, data.c_train), (data.x_val, data.c_val)):
+        x, c = x.to(x_dtype), None if c is None else c.to(c_dtype)
+        where = device if _fits(device, x, c) else torch.device("cpu")
+        placed += [x.to(where), None if c is None else c.to(where)]
+    return tuple(placed)  # type: ignore[return-value]
 
 
-def _place(t: Tensor | None, device: torch.device, dtype: torch.dtype) -> Tensor | None:
-    """Move ``t`` to ``device`` when it fits comfortably; else keep it (pinned) on the host."""
-    if t is None:
-        return None
-    t = t.to(dtype)
+def _fits(device: torch.device, *tensors: Tensor | None) -> bool:
+    """Whether ``tensors`` take under a quarter of the free memory of a CUDA ``device``
+    (other devices: always)."""
     if device.type != "cuda":
-        return t.to(device)
-    free, _ = torch.cuda.mem_get_info(device)
-    if t.numel() * t.element_size() < 0.25 * free:
-        return t.to(device)
-    return t.pin_memory()
+        return True
+    size = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    return size < 0.25 * torch.cuda.mem_get_info(device)[0]
 
 
 def _batches(
     x: Tensor, c: Tensor | None, idx: Tensor, size: int, device: torch.device
 ) -> Iterator[tuple[Tensor, Tensor | None]]:
-    """Rows ``x[idx]`` (and ``c[idx]``) in batches of ``size``, moved to ``device``.
+    """Rows ``x[idx]`` (and ``c[idx]``) in batches of ``size``, on ``device``.
 
-    The indices move to the data once, not batch by batch (each move would wait for the GPU).
+    Rows already on ``device`` are gathered there (the indices move once, not batch by
+    batch: each move would wait for the GPU); rows on the host are streamed (`_streamed`).
     """
+    if x.device != device:
+        yield from _streamed(x, c, idx, size, device)
+        return
     idx_x = idx.to(x.device)
     idx_c = None if c is None else idx.to(c.device)
     for start in range(0, len(idx), size):
         rows = slice(start, start + size)
-        xb = x[idx_x[rows]].to(device, non_blocking=True)
-        cb = None if c is None else c[idx_c[rows]].to(device, non_blocking=True)
-        yield xb, cb
+        yield x[idx_x[rows]], None if c is None else c[idx_c[rows]]
+
+
+def _streamed(
+    x: Tensor, c: Tensor | None, idx: Tensor, size: int, device: torch.device
+) -> Iterator[tuple[Tensor, Tensor | None]]:
+    """Host rows ``x[idx]`` (and ``c[idx]``) sent to ``device`` in batches of ``size``.
+
+    Two host buffers (pinned where CUDA is available) take turns: the rows of a batch are
+    gathered into one and copied to the device without waiting, while the device still
+    works on the previous batch; a buffer is refilled only once its copy has finished.
+    Each batch yielded is a view of a buffer unless ``device`` differs from the host, so it
+    stays valid until the batch after next is requested.
+    """
+    buffers = [_Staging(x, c, min(size, len(idx)), device) for _ in range(2)]
+    for k, start in enumerate(range(0, len(idx), size)):
+        yield buffers[k % 2].send(x, c, idx[start : start + size])
+
+
+class _Staging:
+    """A host buffer for one batch of rows (and contexts) and the copy out of it."""
+
+    def __init__(self, x: Tensor, c: Tensor | None, size: int, device: torch.device):
+        pin = torch.cuda.is_available()
+        self.x = torch.empty((size, *x.shape[1:]), dtype=x.dtype, pin_memory=pin)
+        self.c = (
+            None if c is None else torch.empty((size, *c.shape[1:]), dtype=c.dtype, pin_memory=pin)
+        )
+        self.device = device
+        self.copied: Any = None  # a CUDA event: the last copy out of this buffer has finished
+
+    def send(self, x: Tensor, c: Tensor | None, rows: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Gather ``rows`` into the buffer and start copying them to the device."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        n = len(rows)
+        xb = torch.index_select(x, 0, rows, out=self.x[:n]).to(self.device, non_blocking=True)
+        cb = None
+        if c is not None:
+            cb = torch.index_select(c, 0, rows, out=self.c[:n])
+            cb = cb.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            self.copied = torch.cuda.Event()
+            self.copied.record(torch.cuda.current_stream(self.device))
+        return xb, cb
 
 
 def _grad_norm(flow: Flow) -> Tensor:
@@ -508,13 +603,13 @@ def _grad_norm(flow: Flow) -> Tensor:
     return torch.stack(grads).norm()
 
 
-def _all_finite(stats: Tensor) -> bool:
-    """Whether ``stats`` are finite on every process (gradients are already averaged)."""
-    if _rank_and_world()[1] == 1:
-        return bool(torch.isfinite(stats).all())
-    bad = (~torch.isfinite(stats)).any().float().reshape(1)
-    torch_dist.all_reduce(bad, op=torch_dist.ReduceOp.MAX)
-    return bad.item() == 0
+def _non_finite(stats: Tensor) -> list[bool]:
+    """For each row of ``stats``, whether it is not finite on some process (one host read)."""
+    bad = (~torch.isfinite(stats)).any(1)
+    if _rank_and_world()[1] > 1:
+        bad = bad.to(torch.uint8)
+        torch_dist.all_reduce(bad, op=torch_dist.ReduceOp.MAX)
+    return [bool(flag) for flag in bad.tolist()]
 
 
 def _reduce_mean(total: float, count: int, device: torch.device) -> float:
