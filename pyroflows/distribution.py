@@ -172,21 +172,32 @@ class FlowDistribution(dist.TransformedDistribution):
         maps then compute in it, so a float32 flow yields float64 values of full precision.
         The log-density keeps the flow's dtype.
         """
-        _check_sample_dtype(dtype)
-        x = self.base_dist.rsample(torch.Size(sample_shape))
-        if not x.numel():  # torch's Independent cannot sum an empty batch
-            x, log_prob = x.to(dtype or x.dtype), x.new_empty(x.shape[:-1])
-        else:
-            log_prob = self.base_dist.log_prob(x)
-            learned, maps = self._split()
-            for t in learned:
-                x, ladj = t.call_and_ladj(x)
-                log_prob = log_prob - ladj
-            x = x.to(dtype or x.dtype)
-            for t in maps:
-                x, ladj = t.call_and_ladj(x)
-                log_prob = log_prob - ladj.to(log_prob.dtype)
+        x, log_prob = self.push_forward(self.base_dist.rsample(torch.Size(sample_shape)), dtype)
         self._last_draw = (x, x._version, log_prob, torch.is_grad_enabled())
+        return x, log_prob
+
+    def push_forward(
+        self, base_values: Tensor, dtype: torch.dtype | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Base values (shape ``(..., D)``) through the transforms, with their log-density.
+
+        One forward pass, differentiable in the values and the parameters; the values' batch
+        shape may extend the distribution's on the left. ``dtype`` as in
+        `rsample_and_log_prob`.
+        """
+        _check_sample_dtype(dtype)
+        x = base_values
+        if not x.numel():  # torch's Independent cannot sum an empty batch
+            return x.to(dtype or x.dtype), x.new_empty(x.shape[:-1])
+        log_prob = self.base_dist.log_prob(x)
+        learned, maps = self._split()
+        for t in learned:
+            x, ladj = t.call_and_ladj(x)
+            log_prob = log_prob - ladj
+        x = x.to(dtype or x.dtype)
+        for t in maps:
+            x, ladj = t.call_and_ladj(x)
+            log_prob = log_prob - ladj.to(log_prob.dtype)
         return x, log_prob
 
     def rsample(

@@ -401,7 +401,14 @@ class _PathDerivative(dist.TorchDistribution):
 
     Draws are the flow's reparameterised draws; ``log_prob`` is the same number as the
     flow's, but its gradient reaches the parameters only through the value: the
-    sticking-the-landing estimator. Scoring inverts the flow (``D`` passes per layer).
+    sticking-the-landing estimator, ``grad_z log q(z) . dz/dtheta``.
+
+    Its own draws are scored without inverting the flow. `rsample` pushes ``D + 1`` copies
+    of the base draws ``eps`` through the flow in one batch: the first ``D`` give the rows of
+    the Jacobian ``J = dz/deps``, the last the draws and ``d log q / d eps`` (both by one
+    backward pass to ``eps`` alone), so that ``grad_z log q = J^-T d log q / d eps`` is one
+    ``D x D`` solve per draw. Any other value is scored by inverting the flow with its
+    parameters stopped (``D`` passes per layer).
     """
 
     arg_constraints: dict = {}
@@ -410,27 +417,44 @@ class _PathDerivative(dist.TorchDistribution):
 
     def __init__(self, posterior: FlowDistribution, flow: Flow):
         self._posterior, self._flow = posterior, flow
+        self._draw: tuple[Tensor, int, Tensor, Tensor] | None = None  # z, version, log q, score
         super().__init__(posterior.batch_shape, posterior.event_shape, validate_args=False)
 
     def expand(self, batch_shape, _instance=None) -> _PathDerivative:
         return _PathDerivative(self._posterior.expand(batch_shape), self._flow)
 
     def rsample(self, sample_shape: Sequence[int] = ()) -> Tensor:
-        return self._posterior.rsample(sample_shape)
+        if torch.jit.is_tracing() or not torch.is_grad_enabled():
+            return self._posterior.rsample(sample_shape)
+        eps = self._posterior.base_dist.sample(torch.Size(sample_shape))
+        dim = eps.shape[-1]
+        copies = eps.expand(dim + 1, *eps.shape).clone().requires_grad_()
+        z, log_q = self._posterior.push_forward(copies)
+        rows = z[:dim].diagonal(dim1=0, dim2=-1)  # rows[..., i] = z_i of copy i
+        (grads,) = torch.autograd.grad(rows.sum() + log_q[dim].sum(), copies, retain_graph=True)
+        jacobian = grads[:dim].movedim(0, -2)  # [..., i, j] = dz_i / deps_j
+        score = torch.linalg.solve(jacobian.mT, grads[dim].unsqueeze(-1)).squeeze(-1)
+        draw = z[dim]
+        self._draw = (draw, draw._version, log_q[dim].detach(), score)
+        return draw
 
     def sample(self, sample_shape: Sequence[int] = ()) -> Tensor:
         return self._posterior.sample(sample_shape)
 
     def log_prob(self, value: Tensor) -> Tensor:
-        if torch.jit.is_tracing():  # torch.jit cannot swap a module's parameters
+        drawn = self._draw
+        if drawn is not None and value is drawn[0] and value._version == drawn[1]:
+            log_q = drawn[2] + ((value - value.detach()) * drawn[3]).sum(-1)
+        elif torch.jit.is_tracing():  # torch.jit cannot swap a module's parameters
             warnings.warn(
                 "AutoFlow: under a JIT ELBO the guide's own log q is used (the total "
                 "gradient); pass stick_the_landing=False to silence this",
                 stacklevel=2,
             )
             return self._posterior.log_prob(value)
-        stopped = {name: p.detach() for name, p in self._flow.named_parameters()}
-        log_q = torch.func.functional_call(_Scorer(self._flow), _prefixed(stopped), (value,))
+        else:
+            stopped = {name: p.detach() for name, p in self._flow.named_parameters()}
+            log_q = torch.func.functional_call(_Scorer(self._flow), _prefixed(stopped), (value,))
         return log_q.expand(torch.broadcast_shapes(log_q.shape, self.batch_shape))
 
 
