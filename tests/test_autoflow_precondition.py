@@ -307,6 +307,27 @@ def test_path_derivative_of_own_draws_equals_the_inverted_one(layers):
     assert float(fast_grad.abs().max()) > 1e-3
 
 
+def test_path_derivative_of_many_draws_inverts_the_flow(monkeypatch):
+    """Beyond `JACOBIAN_MAX_ROWS` own draws are scored by the inversion: same draws (same
+    seed), same log q and gradient as through the Jacobian."""
+    from pyroflows.infer import autoflow as autoflow_module
+
+    model, data = _conjugate_normal()
+    guide = AutoFlow(model, model_args=(data,), stick_the_landing=True)
+    results = []
+    for max_rows in (autoflow_module.JACOBIAN_MAX_ROWS, 0):
+        monkeypatch.setattr(autoflow_module, "JACOBIAN_MAX_ROWS", max_rows)
+        posterior = guide.get_posterior()
+        torch.manual_seed(3)
+        z = posterior.rsample((5,))
+        assert (posterior._draw is None) == (max_rows == 0)
+        log_q = posterior.log_prob(z)
+        grads = torch.autograd.grad(log_q.sum(), list(guide.parameters()))
+        results.append((z, log_q, torch.cat([g.flatten() for g in grads])))
+    for jacobian, inverted in zip(*results, strict=True):
+        torch.testing.assert_close(jacobian, inverted, rtol=1e-4, atol=1e-5)
+
+
 def test_path_derivative_is_the_default_only_at_a_mode_in_small_dimensions():
     model, data = _conjugate_normal()
     assert AutoFlow(model, model_args=(data,)).stick_the_landing

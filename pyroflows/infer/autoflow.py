@@ -25,8 +25,13 @@ from .laplace import Preconditioning, laplace_preconditioner
 __all__ = ["AutoFlow", "init_to_median_or_zero"]
 
 #: Largest latent dimension whose guide uses the sticking-the-landing estimator by default:
-#: scoring a draw with the parameters stopped inverts the flow, ``D`` passes per layer.
+#: its scoring costs about ``D`` forward passes (see `_PathDerivative`).
 STL_MAX_DIM = 8
+#: Largest ``(D + 1) x draws`` for which the sticking-the-landing estimator scores the guide's
+#: own draws through a batched Jacobian rather than by inverting the flow. Measured (SVI steps,
+#: affine IAF, one CPU thread): the Jacobian is 1.2-6x faster up to 1,152 rows (D = 8, 128
+#: draws; D = 32, 16 draws), the inversion 1.2-2.6x faster from 3,072 (D = 2, 1,024 draws).
+JACOBIAN_MAX_ROWS = 2048
 
 
 def init_to_median_or_zero(site: dict | None = None) -> Tensor | Callable:
@@ -407,8 +412,8 @@ class _PathDerivative(dist.TorchDistribution):
     of the base draws ``eps`` through the flow in one batch: the first ``D`` give the rows of
     the Jacobian ``J = dz/deps``, the last the draws and ``d log q / d eps`` (both by one
     backward pass to ``eps`` alone), so that ``grad_z log q = J^-T d log q / d eps`` is one
-    ``D x D`` solve per draw. Any other value is scored by inverting the flow with its
-    parameters stopped (``D`` passes per layer).
+    ``D x D`` solve per draw. Any other value, and own draws beyond `JACOBIAN_MAX_ROWS`, are
+    scored by inverting the flow with its parameters stopped (``D`` passes per layer).
     """
 
     arg_constraints: dict = {}
@@ -428,6 +433,8 @@ class _PathDerivative(dist.TorchDistribution):
             return self._posterior.rsample(sample_shape)
         eps = self._posterior.base_dist.sample(torch.Size(sample_shape))
         dim = eps.shape[-1]
+        if (dim + 1) * eps[..., 0].numel() > JACOBIAN_MAX_ROWS:  # log_prob will invert
+            return self._posterior.push_forward(eps)[0]
         copies = eps.expand(dim + 1, *eps.shape).clone().requires_grad_()
         z, log_q = self._posterior.push_forward(copies)
         rows = z[:dim].diagonal(dim1=0, dim2=-1)  # rows[..., i] = z_i of copy i
