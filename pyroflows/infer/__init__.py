@@ -2,6 +2,16 @@
 
 from .amortized import AmortizedFlow
 from .autoflow import AutoFlow
+from .npe import fit_posterior, posterior_flow, prior_bounds, simulate
 from .train import GuideTraining, train_guide
 
-__all__ = ["AutoFlow", "AmortizedFlow", "train_guide", "GuideTraining"]
+__all__ = [
+    "AutoFlow",
+    "AmortizedFlow",
+    "train_guide",
+    "GuideTraining",
+    "simulate",
+    "fit_posterior",
+    "posterior_flow",
+    "prior_bounds",
+]

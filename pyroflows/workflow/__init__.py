@@ -20,9 +20,12 @@ Modules:
 * `pyroflows.workflow.export`: the ArviZ export, `to_inference_data` and `import_arviz`;
 * `pyroflows.workflow.diagnostics`: `diagnose`, its `Diagnosis` and the k-hat thresholds;
 * `pyroflows.workflow.mass_check`: the `MassCheck` of `diagnose` (a widened, defensive
-  proposal that finds posterior mass the guide misses).
+  proposal that finds posterior mass the guide misses);
+* `pyroflows.workflow.calibration`: `expected_coverage` and `sbc_ranks` of an amortised
+  posterior ``q(theta | x)`` on simulated pairs.
 """
 
+from .calibration import Coverage, expected_coverage, sbc_ranks
 from .diagnostics import KHAT_GOOD, KHAT_OK, Diagnosis, diagnose
 from .export import import_arviz, to_inference_data
 from .mass_check import MassCheck
@@ -35,4 +38,7 @@ __all__ = [
     "import_arviz",
     "KHAT_GOOD",
     "KHAT_OK",
+    "Coverage",
+    "expected_coverage",
+    "sbc_ranks",
 ]
