@@ -328,6 +328,32 @@ def test_path_derivative_of_many_draws_inverts_the_flow(monkeypatch):
         torch.testing.assert_close(jacobian, inverted, rtol=1e-4, atol=1e-5)
 
 
+def test_default_path_derivative_gives_way_to_the_plain_gradient_for_many_draws(monkeypatch):
+    """By default, draws beyond `JACOBIAN_MAX_ROWS` get the plain gradient (the flow's own
+    log q): the same value and gradient as ``stick_the_landing=False`` on the same draws."""
+    from pyroflows.infer import autoflow as autoflow_module
+
+    model, data = _conjugate_normal()
+    monkeypatch.setattr(autoflow_module, "JACOBIAN_MAX_ROWS", 0)
+    results = []
+    for stl in (None, False):
+        torch.manual_seed(0)
+        guide = AutoFlow(model, model_args=(data,), stick_the_landing=stl)
+        assert guide.stick_the_landing == (stl is None)
+        posterior = guide.get_posterior()
+        torch.manual_seed(3)
+        z = posterior.rsample((5,))
+        log_q = posterior.log_prob(z)
+        params = list(guide.parameters())
+        grads = torch.autograd.grad(log_q.sum(), params, allow_unused=True)
+        pairs = zip(params, grads, strict=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in pairs]
+        results.append((z, log_q, torch.cat([g.flatten() for g in grads])))
+    for default, plain in zip(*results, strict=True):
+        torch.testing.assert_close(default, plain)
+    assert float(results[0][2].abs().max()) > 1e-3  # not the (zero-mean) stopped score alone
+
+
 def test_path_derivative_is_the_default_only_at_a_mode_in_small_dimensions():
     model, data = _conjugate_normal()
     assert AutoFlow(model, model_args=(data,)).stick_the_landing

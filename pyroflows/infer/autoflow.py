@@ -106,9 +106,12 @@ class AutoFlow(AutoContinuous):
             of comparable mass leave the guide unpreconditioned.
         stick_the_landing: score the guide's own draws with its parameters stopped (the
             path-derivative gradient of Roeder et al., 2017, whose noise vanishes as the guide
-            reaches the posterior). Costs an inverse pass (``D`` network passes per layer);
-            default on when the guide starts at a mode and ``D <= 8`` (`STL_MAX_DIM`: at most
-            about three times the cost of a plain step).
+            reaches the posterior). ``None`` (default): on when the guide starts at a mode,
+            ``D <= 8`` (`STL_MAX_DIM`) and a step draws at most ``JACOBIAN_MAX_ROWS / (D +
+            1)`` particles, where it costs 1.1-1.6x a plain step (see `_PathDerivative`);
+            with more particles the plain gradient's noise is already averaged down and the
+            estimator would cost an inversion of the flow. ``True``: always (inverting the
+            flow for many particles); ``False``: never.
         num_quantile_samples: draws used by `median` and `quantiles`.
         model_args: positional arguments of the model, to build the guide now.
         model_kwargs: keyword arguments of the model, to build the guide now.
@@ -354,7 +357,7 @@ class AutoFlow(AutoContinuous):
             raise RuntimeError("AutoFlow is not set up: call guide.setup(*model_args) first")
         posterior = self.flow()
         if self.stick_the_landing and torch.is_grad_enabled():
-            return _PathDerivative(posterior, self.flow)
+            return _PathDerivative(posterior, self.flow, always=self._stick_the_landing is True)
         return posterior
 
     def _constrained_samples(self, num_samples: int) -> dict[str, Tensor]:
@@ -413,28 +416,37 @@ class _PathDerivative(dist.TorchDistribution):
     the Jacobian ``J = dz/deps``, the last the draws and ``d log q / d eps`` (both by one
     backward pass to ``eps`` alone), so that ``grad_z log q = J^-T d log q / d eps`` is one
     ``D x D`` solve per draw. Any other value, and own draws beyond `JACOBIAN_MAX_ROWS`, are
-    scored by inverting the flow with its parameters stopped (``D`` passes per layer).
+    scored by inverting the flow with its parameters stopped (``D`` passes per layer), unless
+    ``always`` is off: then so many draws get the plain gradient (the flow's own ``log q``).
     """
 
     arg_constraints: dict = {}
     support = constraints.real_vector
     has_rsample = True
 
-    def __init__(self, posterior: FlowDistribution, flow: Flow):
-        self._posterior, self._flow = posterior, flow
+    def __init__(self, posterior: FlowDistribution, flow: Flow, *, always: bool = True):
+        self._posterior, self._flow, self._always = posterior, flow, always
         self._draw: tuple[Tensor, int, Tensor, Tensor] | None = None  # z, version, log q, score
+        self._plain: tuple[Tensor, int, Tensor] | None = None  # z, version, log q (total grad)
         super().__init__(posterior.batch_shape, posterior.event_shape, validate_args=False)
 
     def expand(self, batch_shape, _instance=None) -> _PathDerivative:
-        return _PathDerivative(self._posterior.expand(batch_shape), self._flow)
+        return _PathDerivative(self._posterior.expand(batch_shape), self._flow, always=self._always)
 
     def rsample(self, sample_shape: Sequence[int] = ()) -> Tensor:
         if torch.jit.is_tracing() or not torch.is_grad_enabled():
             return self._posterior.rsample(sample_shape)
         eps = self._posterior.base_dist.sample(torch.Size(sample_shape))
+        if (eps.shape[-1] + 1) * eps[..., 0].numel() <= JACOBIAN_MAX_ROWS:
+            return self._draw_with_score(eps)
+        draw, log_q = self._posterior.push_forward(eps)
+        if not self._always:  # the plain gradient: the flow's own log q of its draw
+            self._plain = (draw, draw._version, log_q)
+        return draw  # else log_prob inverts the flow
+
+    def _draw_with_score(self, eps: Tensor) -> Tensor:
+        """The draws of base values ``eps``, remembering ``log q`` and ``grad_z log q``."""
         dim = eps.shape[-1]
-        if (dim + 1) * eps[..., 0].numel() > JACOBIAN_MAX_ROWS:  # log_prob will invert
-            return self._posterior.push_forward(eps)[0]
         copies = eps.expand(dim + 1, *eps.shape).clone().requires_grad_()
         z, log_q = self._posterior.push_forward(copies)
         rows = z[:dim].diagonal(dim1=0, dim2=-1)  # rows[..., i] = z_i of copy i
@@ -449,8 +461,10 @@ class _PathDerivative(dist.TorchDistribution):
         return self._posterior.sample(sample_shape)
 
     def log_prob(self, value: Tensor) -> Tensor:
-        drawn = self._draw
-        if drawn is not None and value is drawn[0] and value._version == drawn[1]:
+        drawn, plain = self._draw, self._plain
+        if plain is not None and value is plain[0] and value._version == plain[1]:
+            log_q = plain[2]
+        elif drawn is not None and value is drawn[0] and value._version == drawn[1]:
             log_q = drawn[2] + ((value - value.detach()) * drawn[3]).sum(-1)
         elif torch.jit.is_tracing():  # torch.jit cannot swap a module's parameters
             warnings.warn(
