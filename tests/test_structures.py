@@ -41,6 +41,27 @@ def test_transformer_reads_parameters_first_and_inverts(t):
     torch.testing.assert_close(y_one, y[1:2, 2:3])
 
 
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize("broadcast", [False, True])
+def test_affine_map_follows_its_formula(inverse, broadcast):
+    """``y`` and the log-det of the affine transformer in both directions, with parameters
+    broadcast over rows: the formula, and float64 gradcheck through the CPU tanh bound."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    shape = (2, 1, 3) if broadcast else (2, 5, 3)
+    params = (2.0 * torch.randn(shape, generator=gen, dtype=torch.float64)).requires_grad_()
+    affine = Affine(log_scale_bound=1.5)
+    direction = affine.inverse if inverse else affine.forward
+    assert torch.autograd.gradcheck(lambda p, v: direction(p, v), (params, x))
+    with torch.no_grad():  # and the formula itself
+        shift, raw = params
+        log_scale = 1.5 * torch.tanh(raw / 1.5)
+        y, ladj = direction(params, x)
+        expected = (x - shift) * torch.exp(-log_scale) if inverse else shift + log_scale.exp() * x
+        torch.testing.assert_close(y, expected)
+        torch.testing.assert_close(ladj, (-log_scale if inverse else log_scale).expand_as(x))
+
+
 @pytest.mark.parametrize("t", TRANSFORMERS, ids=lambda t: type(t).__name__)
 def test_transformer_refuses_parameters_last(t):
     x = torch.zeros(5, 3)
