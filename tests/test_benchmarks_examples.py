@@ -110,3 +110,15 @@ def test_density_skips_missing_anchor(density, monkeypatch):
 def test_density_rejects_unknown_task(density):
     with pytest.raises(SystemExit):
         density.main(["--tasks", "no_such_task"])
+
+
+def test_sbibm_quick_mode_recovers_the_builtin_gaussian_posterior(tmp_path):
+    """``benchmarks/sbibm.py --quick`` (what CI runs, no sbibm needed): one fit on 2,000
+    simulations of a Gaussian task with a closed-form posterior, C2ST near 0.5, files written."""
+    sbibm_benchmark = load_script("benchmarks/sbibm.py")
+    out, numbers = tmp_path / "sbibm.md", tmp_path / "sbibm.json"
+    (result,) = sbibm_benchmark.main(["--quick", "--out", str(out), "--json", str(numbers)])
+    assert result["method"] == "pyroflows" and len(result["c2st"]) == 2
+    assert result["mean"] < 0.6
+    assert "gaussian_2d_builtin | 2,000" in out.read_text()
+    assert numbers.exists()

@@ -11,7 +11,7 @@ import torch
 import pyroflows
 from pyroflows import flows
 from pyroflows.infer import fit_posterior, prior_bounds, simulate
-from pyroflows.workflow import expected_coverage, sbc_ranks
+from pyroflows.workflow import c2st, expected_coverage, sbc_ranks
 
 
 def _box_prior():
@@ -169,3 +169,15 @@ def test_gaussian_linear_posterior_is_calibrated():
         draws = posterior.condition(torch.tensor([1.0, -0.5, 0.0])).sample((4000,))
     torch.testing.assert_close(draws.mean(0), torch.tensor([0.8, -0.4, 0.0]), atol=0.05, rtol=0)
     torch.testing.assert_close(draws.std(0), torch.full((3,), 0.2**0.5), atol=0.03, rtol=0)
+
+
+def test_c2st_tells_apart_only_different_distributions():
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1000, 2, generator=gen), torch.randn(1000, 2, generator=gen)
+    same = c2st(a, b, epochs=20)
+    shifted = c2st(a + torch.tensor([1.5, 0.0]), b, epochs=20)
+    assert 0.44 < same < 0.56
+    assert shifted > 0.75
+    assert c2st(a, b, epochs=20) == same  # seeded: the same number again
+    with pytest.raises(ValueError, match=r"\(N, D\) and \(M, D\)"):
+        c2st(a, b[:, :1])

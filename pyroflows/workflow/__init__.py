@@ -22,10 +22,10 @@ Modules:
 * `pyroflows.workflow.mass_check`: the `MassCheck` of `diagnose` (a widened, defensive
   proposal that finds posterior mass the guide misses);
 * `pyroflows.workflow.calibration`: `expected_coverage` and `sbc_ranks` of an amortised
-  posterior ``q(theta | x)`` on simulated pairs.
+  posterior ``q(theta | x)`` on simulated pairs, and `c2st` against reference draws.
 """
 
-from .calibration import Coverage, expected_coverage, sbc_ranks
+from .calibration import Coverage, c2st, expected_coverage, sbc_ranks
 from .diagnostics import KHAT_GOOD, KHAT_OK, Diagnosis, diagnose
 from .export import import_arviz, to_inference_data
 from .mass_check import MassCheck
@@ -41,4 +41,5 @@ __all__ = [
     "Coverage",
     "expected_coverage",
     "sbc_ranks",
+    "c2st",
 ]
