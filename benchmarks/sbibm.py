@@ -33,6 +33,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+# Run as a script, this file's folder comes first on the path and its name would hide the
+# sbibm package: look for packages elsewhere.
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+
 from pyroflows.infer import fit_posterior, simulate
 from pyroflows.utils import torch_threads
 from pyroflows.workflow import c2st as torch_c2st
