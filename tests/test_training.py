@@ -167,6 +167,19 @@ def test_steps_are_checked_one_by_one_on_the_cpu():
     assert loop_module.steps_between_checks(torch.device("cuda", 0)) > 1
 
 
+def _adam_steps(flow, device):
+    """The loop's step machinery for ``flow`` alone: NLL, Adam, cosine schedule, clipping."""
+    return loop_module._Steps(
+        flow,
+        loop_module._LossModule(flow, negative_log_likelihood),
+        torch.optim.Adam(flow.parameters()),
+        loop_module.cosine_schedule,
+        5.0,
+        10,
+        device,
+    )
+
+
 @pytest.mark.parametrize(
     "build",
     [
@@ -188,15 +201,7 @@ def test_a_training_step_never_waits_for_the_device(build, context):
     prepared = prepare_data(flow, x, context=c, bounds=[(0, None)] + [(None, None)] * 3)
     prepared.attach_maps(flow)
     flow.to("meta")
-    steps = loop_module._Steps(
-        flow,
-        loop_module._LossModule(flow, negative_log_likelihood),
-        torch.optim.Adam(flow.parameters()),
-        loop_module.cosine_schedule,
-        5.0,
-        10,
-        torch.device("meta"),
-    )
+    steps = _adam_steps(flow, torch.device("meta"))
     xb = prepared.x_train[:32].double().to("meta")
     cb = None if c is None else prepared.c_train[:32].double().to("meta")
     for _ in range(2):  # the second step runs Adam on its state
@@ -234,15 +239,7 @@ def test_rows_too_large_for_the_gpu_stream_from_the_host(monkeypatch):
 def test_a_cuda_training_step_never_synchronises():
     """CUDA's sync debug mode turns any host synchronisation inside a step into an error."""
     flow = flows.nsf(4, num_layers=2, hidden_dims=(16,)).cuda()
-    steps = loop_module._Steps(
-        flow,
-        loop_module._LossModule(flow, negative_log_likelihood),
-        torch.optim.Adam(flow.parameters()),
-        loop_module.cosine_schedule,
-        5.0,
-        10,
-        torch.device("cuda", 0),
-    )
+    steps = _adam_steps(flow, torch.device("cuda", 0))
     x = torch.randn(256, 4, device="cuda")
     steps._step(x, None)  # the first step creates Adam's state
     torch.cuda.synchronize()
