@@ -163,7 +163,7 @@ def c2st_score(samples: Tensor, reference: Tensor, quick: bool) -> float:
             pass
         else:
             return float(c2st(reference, samples))
-    return torch_c2st(samples, reference, epochs=20 if quick else 100)
+    return torch_c2st(samples, reference, max_epochs=30 if quick else 1000)
 
 
 def run_one(task: Task, method: str, budget: int, args: argparse.Namespace) -> dict:

@@ -6,7 +6,7 @@ matplotlib's object-oriented API: each draws into the axes or figure it is given
 when none is), returns it, and never calls ``plt.show()``. Data and samples may be torch tensors
 (on any device, with or without gradients) or anything `numpy.asarray` accepts.
 
-Single-panel plots (`plot_density_2d`, `plot_training_curves`) return their
+Single-panel plots (`plot_density_2d`, `plot_training_curves`, `plot_coverage`) return their
 `matplotlib.axes.Axes`; multi-panel plots (`plot_samples_2d`, `plot_corner`) return the
 `matplotlib.figure.Figure`.
 
@@ -44,6 +44,7 @@ __all__ = [
     "plot_density_2d",
     "plot_corner",
     "plot_training_curves",
+    "plot_coverage",
     "plot_demo",
 ]
 
@@ -680,6 +681,52 @@ def plot_training_curves(history: Any, *, ax: Axes | None = None, log_scale: boo
     ax.set_ylabel("loss")
     ax.xaxis.set_major_locator(_matplotlib("ticker").MaxNLocator(integer=True))
     ax.legend()
+    return ax
+
+
+def plot_coverage(coverage: Any, *, ax: Axes | None = None, label: str = "posterior") -> Axes:
+    """Expected coverage against credibility level, with the diagonal and its sampling band.
+
+    Args:
+        coverage: a `pyroflows.workflow.Coverage` (from `expected_coverage`).
+        ax: axes to draw on (a new figure when ``None``).
+        label: legend label of the coverage curve.
+
+    Returns:
+        The axes. Below the diagonal: overconfident posteriors; above: underconfident. The
+        shaded band is two standard errors of a calibrated posterior's coverage with this
+        many pairs.
+
+    Example:
+        >>> import matplotlib
+        >>> matplotlib.use("Agg")
+        >>> import matplotlib.pyplot as plt, torch
+        >>> from pyroflows import flows
+        >>> from pyroflows.plot import plot_coverage
+        >>> from pyroflows.workflow import expected_coverage
+        >>> flow = flows.maf(1, 1, num_layers=1, hidden_dims=(8,))
+        >>> ax = plot_coverage(expected_coverage(flow, torch.randn(50, 1), torch.randn(50, 1)))
+        >>> [line.get_label() for line in ax.get_lines()]
+        ['calibrated', 'posterior']
+        >>> plt.close(ax.figure)
+    """
+    levels = _as_array(coverage.levels, "levels")
+    fraction = _as_array(coverage.coverage, "coverage")
+    pairs = len(coverage.credibility)
+    if ax is None:
+        ax = _pyplot().subplots(figsize=(4.5, 4.5))[1]
+    band = 2.0 * np.sqrt(levels * (1.0 - levels) / pairs)
+    ax.fill_between(levels, levels - band, levels + band, color="0.85", lw=0)
+    ax.plot([0, 1], [0, 1], color="0.4", ls="--", lw=1, label="calibrated")
+    ax.plot(levels, fraction, color=_SAMPLE_COLOR, lw=2, label=label)
+    ax.set(
+        xlim=(0, 1),
+        ylim=(0, 1),
+        xlabel="credibility level",
+        ylabel="expected coverage",
+        title=f"coverage ({pairs} pairs)",
+    )
+    ax.legend(loc="upper left", frameon=False)
     return ax
 
 
