@@ -33,6 +33,7 @@ def _noisy(theta):
         (dist.LogNormal(torch.zeros(3), 1.0).to_event(1), [(0.0, None)] * 3),
         (dist.Exponential(1.0), [(0.0, None)]),
         (dist.Uniform(0.0, 5.0), [(0.0, 5.0)]),
+        (dist.Uniform(torch.zeros(2), torch.tensor([1.0, 2.0])), [(0.0, 1.0), (0.0, 2.0)]),
     ],
 )
 def test_prior_bounds_read_the_support(prior, expected):

@@ -109,7 +109,7 @@ def prior_bounds(prior: dist.Distribution) -> list[tuple[float | None, float | N
         >>> prior_bounds(dist.LogNormal(torch.zeros(2), 1.0).to_event(1))
         [(0.0, None), (0.0, None)]
     """
-    dim = math.prod(prior.event_shape) if prior.event_shape else 1
+    dim = math.prod(prior.batch_shape + prior.event_shape)  # one parameter per element
     support = prior.support
     while isinstance(support, constraints.independent):
         support = support.base_constraint
