@@ -104,6 +104,18 @@ def test_posterior_saves_and_loads_like_a_flow(box_posterior, tmp_path):
         )
 
 
+def test_one_parameter_and_one_output_may_be_vectors():
+    prior = dist.Uniform(0.0, 1.0)
+    theta, x = simulate(prior, lambda t: t[:, 0] + 0.05 * torch.randn(len(t)), 300)
+    assert theta.shape == x.shape == (300, 1)
+    posterior, _ = fit_posterior(theta[:, 0], x[:, 0], prior=prior, epochs=2, progress=False)
+    with torch.no_grad():
+        draws = posterior.condition(torch.tensor([0.5])).sample((200,))
+    assert draws.shape == (200, 1) and bool(((draws > 0) & (draws < 1)).all())
+    with pytest.raises(ValueError, match=r"theta must have shape \(N, D\)"):
+        fit_posterior(torch.zeros(5, 2, 2), x[:5], progress=False)
+
+
 def test_prior_and_bounds_together_are_refused():
     theta, x = simulate(_box_prior(), _noisy, 50)
     with pytest.raises(ValueError, match="either prior or bounds"):

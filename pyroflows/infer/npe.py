@@ -161,8 +161,8 @@ def fit_posterior(
     """Fit ``q(theta | x)`` to simulated pairs by maximum likelihood.
 
     Args:
-        theta: parameters, ``(N, D)`` (tensor, array or data frame).
-        x: the simulator's outputs for them, ``(N, C)``.
+        theta: parameters, ``(N, D)`` (tensor, array or data frame; ``(N,)``: one column).
+        x: the simulator's outputs for them, ``(N, C)`` (or ``(N,)``).
         prior: the prior ``theta`` was drawn from; its support bounds the posterior
             (`prior_bounds`), so no mass falls outside it. Without it the posterior is
             unbounded.
@@ -180,9 +180,10 @@ def fit_posterior(
         if "bounds" in fit_options:
             raise ValueError("give either prior or bounds, not both")
         fit_options["bounds"] = prior_bounds(prior)
-    theta_t, x_t = torch.as_tensor(_table(theta)), torch.as_tensor(_table(x))
+    theta_t = _as_rows(torch.as_tensor(_table(theta)), "theta")
+    x_t = _as_rows(torch.as_tensor(_table(x)), "x")
     if flow is None:
-        flow = posterior_flow(_width(theta_t, "theta"), _width(x_t, "x"))
+        flow = posterior_flow(theta_t.shape[1], x_t.shape[1])
     fit_options.setdefault("batch_size", default_batch_size(len(theta_t)))
     fit_options.setdefault("epochs", 200)
     history = fit(flow, theta_t, context=x_t, **fit_options)
@@ -198,10 +199,3 @@ def default_batch_size(num_simulations: int) -> int:
 def _table(data: Any) -> Any:
     """A data frame's values; anything else unchanged (`fit` checks it)."""
     return data.to_numpy() if hasattr(data, "to_numpy") else data
-
-
-def _width(t: Tensor, what: str) -> int:
-    """Number of columns of a ``(N, D)`` table."""
-    if t.dim() != 2:
-        raise ValueError(f"{what} must have shape (N, D), got {tuple(t.shape)}")
-    return t.shape[1]
