@@ -185,7 +185,8 @@ class AutoFlow(AutoContinuous):
 
     @property
     def stick_the_landing(self) -> bool:
-        """Whether ELBO gradients use the path derivative (see the class docstring)."""
+        """Whether ELBO gradients use the path derivative (see the class docstring); by
+        default only for steps of at most ``JACOBIAN_MAX_ROWS / (D + 1)`` draws."""
         if self._stick_the_landing is not None:
             return self._stick_the_landing
         if self.flow is None or self.preconditioning.centre != "mode":
