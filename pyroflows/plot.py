@@ -706,8 +706,8 @@ def plot_coverage(coverage: Any, *, ax: Axes | None = None, label: str = "poster
         >>> from pyroflows.workflow import expected_coverage
         >>> flow = flows.maf(1, 1, num_layers=1, hidden_dims=(8,))
         >>> ax = plot_coverage(expected_coverage(flow, torch.randn(50, 1), torch.randn(50, 1)))
-        >>> [line.get_label() for line in ax.get_lines()]
-        ['calibrated', 'posterior']
+        >>> print(", ".join(line.get_label() for line in ax.get_lines()))
+        calibrated, posterior
         >>> plt.close(ax.figure)
     """
     levels = _as_array(coverage.levels, "levels")
