@@ -25,6 +25,7 @@ import json
 import math
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -133,16 +134,26 @@ def train_sbi(task: Task, theta: Tensor, x: Tensor, seed: int) -> Callable:
     from sbi import inference
     from sbi.utils import posterior_nn
 
+    from torch.utils.tensorboard import SummaryWriter
+
     torch.manual_seed(seed)
     estimator = posterior_nn(
         model="nsf", hidden_features=50, z_score_x="independent", z_score_theta="independent"
     )
-    method = inference.SNPE_C(task.prior, density_estimator=estimator, show_progress_bars=False)
-    density = method.append_simulations(theta, x).train(
-        num_atoms=10,
-        training_batch_size=min(10_000, len(theta)),
-        show_train_summary=False,
-    )
+    with tempfile.TemporaryDirectory() as logs:  # sbi's default writes ./sbi-logs
+        writer = SummaryWriter(log_dir=logs)
+        method = inference.SNPE_C(
+            task.prior,
+            density_estimator=estimator,
+            show_progress_bars=False,
+            summary_writer=writer,
+        )
+        density = method.append_simulations(theta, x).train(
+            num_atoms=10,
+            training_batch_size=min(10_000, len(theta)),
+            show_train_summary=False,
+        )
+        writer.close()
     posterior = method.build_posterior(density)
 
     def sample(x_o: Tensor, n: int) -> Tensor:
