@@ -133,7 +133,6 @@ def train_sbi(task: Task, theta: Tensor, x: Tensor, seed: int) -> Callable:
     """sbi's one-round NPE with the settings of sbibm's runner; returns ``sample(x_o, n)``."""
     from sbi import inference
     from sbi.utils import posterior_nn
-
     from torch.utils.tensorboard import SummaryWriter
 
     torch.manual_seed(seed)
