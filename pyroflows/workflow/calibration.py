@@ -94,7 +94,7 @@ def expected_coverage(
     check_int("levels", levels, 2)
     credibility = torch.cat(
         [
-            (_scores(flow, t, c, num_samples) > flow.condition(c).log_prob(t)).double().mean(0)
+            (_scores(flow, c, num_samples) > flow.condition(c).log_prob(t)).double().mean(0)
             for t, c in _chunks(flow, theta, x, num_samples, chunk_size, seed)
         ]
     )
@@ -126,7 +126,7 @@ def sbc_ranks(
     )
 
 
-def _scores(flow: Flow, theta: Tensor, x: Tensor, num_samples: int) -> Tensor:
+def _scores(flow: Flow, x: Tensor, num_samples: int) -> Tensor:
     """Log-densities of ``num_samples`` draws of ``q(. | x_i)`` for each row, ``(S, n)``."""
     posterior = flow.condition(x)
     return posterior.log_prob(posterior.sample((num_samples,)))
