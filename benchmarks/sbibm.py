@@ -257,13 +257,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         flush=True,
                     )
                     results.append(result)
-    text = table(results, methods)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+                    save(results, methods, args)  # after every cell: a stopped run keeps its rows
+    print(table(results, methods))
     return results
+
+
+def save(results: list[dict], methods: list[str], args: argparse.Namespace) -> None:
+    """Write the table and the numbers where asked, each file replaced atomically."""
+    for path, text in (
+        (args.out, table(results, methods) + "\n"),
+        (args.json, json.dumps(results, indent=1)),
+    ):
+        if path is not None:
+            partial = path.with_name(path.name + ".partial")
+            partial.write_text(text)
+            partial.replace(path)
 
 
 if __name__ == "__main__":

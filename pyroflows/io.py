@@ -77,8 +77,9 @@ __all__ = [
 
 #: Marker stored in every model file.
 FORMAT = "pyroflows-model"
-#: Version of the file layout written by `save` (1: builder arguments; 2: one entry per layer).
-FORMAT_VERSION = 3
+#: Version of the file layout written by `save` (1: builder arguments; 2: one entry per layer;
+#: 3: parameter-major conditioner rows; 4: `SupportMap` scales).
+FORMAT_VERSION = 4
 #: Default limit on the values (parameters and buffers) a loaded configuration may allocate.
 MAX_PARAMETERS = 20_000_000
 #: Most layers (and data/context transforms) a model file may describe.
@@ -521,12 +522,14 @@ def _build_v2(config: dict[str, Any]) -> Flow:
 
 def _migrate(flow: Flow, state: dict[str, torch.Tensor], version: int) -> dict[str, torch.Tensor]:
     """Old weights in today's names and layout: the retired coupling ``merge_index`` is
-    dropped, and before format 3 the conditioners' output rows become parameter-major."""
+    dropped, before format 3 the conditioners' output rows become parameter-major, and
+    before format 4 a `SupportMap`'s one-sided maps were logarithms (``scale = inf``)."""
     state = {k: v for k, v in state.items() if not k.endswith(".merge_index")}
-    if version < 3:
-        for name, module in flow.named_modules():
-            if isinstance(module, Structure):
-                module.load_feature_major(state, f"{name}.")
+    for name, module in flow.named_modules():
+        if version < 3 and isinstance(module, Structure):
+            module.load_feature_major(state, f"{name}.")
+        if version < 4 and isinstance(module, SupportMap):
+            module.upgrade_state(state, f"{name}.")
     return state
 
 
@@ -542,7 +545,7 @@ def _check_weights(flow: Flow, state: dict[str, torch.Tensor]) -> None:
         f"{name}.{b}"
         for name, m in flow.named_modules()
         if isinstance(m, SupportMap)
-        for b in ("lower", "upper")
+        for b in ("lower", "upper", "scale")
     }
     for key, want in expected.items():
         got = state[key]
@@ -566,7 +569,7 @@ def _check_fixed_values(flow: Flow) -> None:
         if isinstance(module, Standardize):
             Standardize(module.loc, module.scale)
         elif isinstance(module, SupportMap):
-            SupportMap(module.lower, module.upper)
+            SupportMap(module.lower, module.upper, module.scale)
         elif isinstance(module, Precondition):
             Precondition(module.loc, module.scale)
         elif isinstance(module, DiagNormal) and not bool((module.scale > 0).all()):
@@ -700,7 +703,7 @@ class ModelDescription:
 
     Attributes:
         path: the file.
-        format_version: its format (1, 2 or 3).
+        format_version: its format (1 to 4).
         dtype: the floating dtype of its parameters.
         input_dim: event size ``D``.
         context_dim: context size (0: unconditional).

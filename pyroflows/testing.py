@@ -222,6 +222,16 @@ LAYERS: dict[str, LayerSpec] = {
         conditional=False,
         starts_as_identity=False,
     ),
+    # The same kinds with finite one-sided scales (softplus maps instead of logarithms).
+    "support_map_scaled": LayerSpec(
+        lambda d, c: SupportMap(
+            [(-7.0, -math.inf, -7.0, -math.inf)[i % 4] for i in range(d)],
+            [(math.inf, 7.0, 7.0, math.inf)[i % 4] for i in range(d)],
+            [(0.5, 2.0, 1.0, 1.0)[i % 4] for i in range(d)],
+        ),
+        conditional=False,
+        starts_as_identity=False,
+    ),
 }
 
 

@@ -24,9 +24,10 @@ from pyroflows import (
     save,
 )
 from pyroflows import io as io_module
-from pyroflows.io import describe
+from pyroflows.io import FORMAT_VERSION, describe
 from pyroflows.testing import LAYERS, randomize_
 from pyroflows.transformers import Affine, RationalQuadraticSpline
+from pyroflows.transforms import Standardize, SupportMap
 
 DATA = Path(__file__).parent / "data"
 
@@ -175,11 +176,36 @@ def test_format2_files_and_old_state_dicts_give_the_same_densities(
             )
     # saved again, it is format 3 and loads as it is
     save(loaded, tmp_path / "m.pt")
-    assert describe(tmp_path / "m.pt").format_version == 3
+    assert describe(tmp_path / "m.pt").format_version == FORMAT_VERSION
     with torch.no_grad():
         torch.testing.assert_close(
             load(tmp_path / "m.pt").condition(c).log_prob(x), loaded.condition(c).log_prob(x)
         )
+
+
+def _format3_support_map():
+    flow = flows.maf(2, num_layers=1, hidden_dims=(8,))
+    flow.data_transforms.append(Standardize.identity(2))
+    flow.data_transforms.append(SupportMap.unbounded(2))
+    return flow
+
+
+def test_format3_support_maps_stay_logarithmic(tmp_path):
+    # Written before one-sided scales existed: lower bound 0 on x0, upper bound 4 on x1.
+    x = torch.tensor([[0.5, 1.0], [2.0, 0.3], [0.01, -5.0]])
+    expected = torch.tensor([-5.21762228012085, -5.963449478149414, -7.850760459899902])
+    loaded = load(DATA / "format3_support_map.pt")
+    rebuilt = _format3_support_map()
+    rebuilt.load_state_dict(
+        torch.load(DATA / "format3_support_map_state_dict.pt", weights_only=True)
+    )
+    for flow in (loaded, rebuilt):
+        assert torch.isinf(flow.data_transforms[1].scale).all()
+        with torch.no_grad():
+            torch.testing.assert_close(flow.condition(None).log_prob(x), expected)
+    save(loaded, tmp_path / "m.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(load(tmp_path / "m.pt").condition(None).log_prob(x), expected)
 
 
 def test_todays_state_dict_round_trips_unconverted():

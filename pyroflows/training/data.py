@@ -345,6 +345,7 @@ def _fit_maps(train: Tensor, support: SupportMap | None) -> tuple[nn.Module, ...
     """`Standardize` (then ``support``) fitted to ``train`` in float64, base-to-data order."""
     train = train.to(torch.float64)
     if support is not None:
+        support = support.fitted(train)
         train = support.inv_and_ladj(train)[0]
     return (Standardize.from_data(train),) + ((support,) if support is not None else ())
 

@@ -158,9 +158,16 @@ class SupportMap(_Fixed):
     For each feature, with bounds ``(lower, upper)`` (``-inf``/``inf`` for none):
 
     * no bounds: identity;
-    * lower only: ``x = lower + exp(u)``;
-    * upper only: ``x = upper - exp(u)``;
+    * lower only: ``x = lower + scale * softplus(u / scale)``;
+    * upper only: ``x = upper - scale * softplus(u / scale)``;
     * both: ``x = lower + (upper - lower) * sigmoid(u)``.
+
+    A one-sided map is the identity (shifted) for values many ``scale`` from the bound and
+    logarithmic close to it, so ``scale`` sets where it bends. With ``scale = inf`` (the
+    default) it is logarithmic everywhere: ``x = lower + exp(u)``, the limit of a large
+    scale up to an affine change of ``u``. `fit` picks the scale from the data
+    (`SupportMap.fitted`): a logarithm stretches values just above a bound into a long tail
+    when the data sit far from it, which costs likelihood.
 
     The inverse of a value outside the support gives ``u = 0`` with log-det ``-inf``, so the
     flow's density there is exactly zero (``log_prob = -inf``).
@@ -170,17 +177,30 @@ class SupportMap(_Fixed):
     Args:
         lower: per-feature lower bounds, ``-inf`` where unbounded.
         upper: per-feature upper bounds, ``inf`` where unbounded.
+        scale: per-feature bend of the one-sided maps, positive, ``inf`` for the logarithm
+            (default: ``inf`` for every feature; unused for other features).
 
     Example:
         >>> import torch
         >>> m = SupportMap([0.0, -math.inf], [math.inf, math.inf])  # first feature positive
         >>> m(torch.tensor([0.0, -3.0]))
         tensor([ 1., -3.])
+        >>> soft = SupportMap([0.0], [math.inf], scale=[1.0])
+        >>> round(float(soft(torch.tensor([20.0]))), 6)  # far from the bound: the identity
+        20.0
     """
 
-    def __init__(self, lower: Tensor | Sequence[float], upper: Tensor | Sequence[float]):
+    def __init__(
+        self,
+        lower: Tensor | Sequence[float],
+        upper: Tensor | Sequence[float],
+        scale: Tensor | Sequence[float] | None = None,
+    ):
         super().__init__()
         lower, upper = _vector_pair("lower", lower, "upper", upper)
+        if scale is None:
+            scale = torch.full_like(lower, math.inf)
+        lower, scale = _vector_pair("lower", lower, "scale", scale)
         if bool(torch.isnan(lower).any() | torch.isnan(upper).any()):
             raise ValueError("bounds must not be NaN (use -inf / inf for no bound)")
         if not bool((lower < upper).all()) or bool(
@@ -189,9 +209,12 @@ class SupportMap(_Fixed):
             raise ValueError(
                 f"need lower < upper for every feature, got {lower.tolist()}, {upper.tolist()}"
             )
+        if not bool((scale > 0).all()):  # NaN fails too
+            raise ValueError(f"scale must be positive (inf: logarithmic), got {scale.tolist()}")
         self.input_dim = lower.numel()
         self.register_buffer("lower", lower)
         self.register_buffer("upper", upper)
+        self.register_buffer("scale", scale)
 
     @classmethod
     def unbounded(cls, input_dim: int) -> SupportMap:
@@ -200,8 +223,40 @@ class SupportMap(_Fixed):
 
     placeholder = unbounded
 
+    @staticmethod
+    def upgrade_state(state: dict[str, Tensor], prefix: str = "") -> None:
+        """Give a state saved before one-sided scales existed (pyroflows <= 0.4, model files
+        of format <= 3) its implied ``scale = inf`` (logarithmic maps), in place."""
+        if f"{prefix}lower" in state and f"{prefix}scale" not in state:
+            state[f"{prefix}scale"] = torch.full_like(state[f"{prefix}lower"], math.inf)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        self.upgrade_state(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def fitted(self, x: Tensor) -> SupportMap:
+        """The same bounds with the scale of each one-sided feature chosen for the rows ``x``.
+
+        Among ``inf`` (the logarithm) and multiples ``2^k, k = -4..4``, of the median distance
+        of the column to its bound, the scale whose map makes the column most nearly normal:
+        the largest Gaussian log-likelihood of the mapped values, log-det included (the
+        one-dimensional analogue of choosing a Box-Cox power). Rows outside the support are
+        refused by `fit` before this is called; other features keep their scale.
+        """
+        check_event(x, self.input_dim)
+        x = x.detach().to(device=self.lower.device, dtype=_F64).reshape(-1, self.input_dim)
+        lower_only, upper_only, _ = self._kinds()
+        scale = self.scale.clone()
+        for i in torch.nonzero(lower_only | upper_only).flatten().tolist():
+            bound = self.lower[i] if lower_only[i] else self.upper[i]
+            scale[i] = _best_scale((x[:, i] - bound).abs())
+        return type(self)(self.lower, self.upper, scale)
+
     def extra_repr(self) -> str:
-        return f"lower={self.lower.tolist()}, upper={self.upper.tolist()}"
+        text = f"lower={self.lower.tolist()}, upper={self.upper.tolist()}"
+        return (
+            text if bool(torch.isinf(self.scale).all()) else f"{text}, scale={self.scale.tolist()}"
+        )
 
     def _kinds(self) -> tuple[Tensor, Tensor, Tensor]:
         has_lo, has_hi = torch.isfinite(self.lower), torch.isfinite(self.upper)
@@ -227,10 +282,11 @@ class SupportMap(_Fixed):
         lower_only, upper_only, both = self._kinds()
         lo, hi = self._finite_bounds()
         width = torch.where(both, hi - lo, torch.ones_like(hi))
-        x = torch.where(lower_only, lo + u.exp(), u)
-        x = torch.where(upper_only, hi - u.exp(), x)
+        gap, gap_ladj = _gap(u, self.scale)  # the distance to the one bound
+        x = torch.where(lower_only, lo + gap, u)
+        x = torch.where(upper_only, hi - gap, x)
         x = torch.where(both, lo + width * torch.sigmoid(u), x)
-        ladj = torch.where(lower_only | upper_only, u, torch.zeros_like(u))
+        ladj = torch.where(lower_only | upper_only, gap_ladj, torch.zeros_like(u))
         ladj = torch.where(both, width.log() + F.logsigmoid(u) + F.logsigmoid(-u), ladj)
         return x, ladj.sum(-1)
 
@@ -242,12 +298,11 @@ class SupportMap(_Fixed):
         safe = torch.where(inside, x, torch.where(both, lo + 0.5 * width, lo + 1.0))
         gap_lo = torch.where(lower_only | both, safe - lo, torch.ones_like(safe))
         gap_hi = torch.where(upper_only | both, hi - safe, torch.ones_like(safe))
-        u = torch.where(lower_only, gap_lo.log(), safe)
-        u = torch.where(upper_only, gap_hi.log(), u)
+        v, gap_ladj = _gap_inverse(torch.where(upper_only, gap_hi, gap_lo), self.scale)
+        u = torch.where(lower_only | upper_only, v, safe)
         u = torch.where(both, gap_lo.log() - gap_hi.log(), u)
-        # log|du/dx|: -log(gap) for one bound, log(width) - log(gap_lo) - log(gap_hi) for two.
-        ladj = torch.where(lower_only, -gap_lo.log(), torch.zeros_like(u))
-        ladj = torch.where(upper_only, -gap_hi.log(), ladj)
+        # log|du/dx|: the one-sided map's, or log(width) - log(gap_lo) - log(gap_hi) for two.
+        ladj = torch.where(lower_only | upper_only, gap_ladj, torch.zeros_like(u))
         ladj = torch.where(both, width.log() - gap_lo.log() - gap_hi.log(), ladj)
         ladj = torch.where(inside, ladj, torch.full_like(ladj, -math.inf))
         u = torch.where(inside, u, torch.zeros_like(u))
@@ -255,3 +310,48 @@ class SupportMap(_Fixed):
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         return self.call_and_ladj(x)[1]
+
+
+def _gap(v: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """A one-sided map's distance to its bound, ``g(v) = s softplus(v / s)`` (``exp(v)`` for
+    ``s = inf``), and ``log g'(v)``."""
+    log = torch.isinf(scale)
+    s = torch.where(log, torch.ones_like(scale), scale)  # finite in the unused branch
+    soft = s * F.softplus(v / s)
+    return torch.where(log, v.exp(), soft), torch.where(log, v, F.logsigmoid(v / s))
+
+
+def _gap_inverse(gap: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """``v = g^-1(gap)`` for `_gap` and ``log |dv/dgap|``; ``gap > 0``."""
+    log = torch.isinf(scale)
+    s = torch.where(log, torch.ones_like(scale), scale)
+    y = gap / s
+    # log(expm1(y)) and -log(1 - exp(-y)), each in its accurate form on either side.
+    big = y > 20.0
+    log_expm1 = torch.where(
+        big, y + torch.log1p(-torch.exp(-y)), torch.expm1(y.clamp(max=20.0)).log()
+    )
+    small = y < math.log(2.0)
+    log1mexp = torch.where(small, torch.log(-torch.expm1(-y)), torch.log1p(-torch.exp(-y)))
+    return (
+        torch.where(log, gap.log(), s * log_expm1),
+        torch.where(log, -gap.log(), -log1mexp),
+    )
+
+
+def _best_scale(gap: Tensor) -> float:
+    """The one-sided scale (see `SupportMap.fitted`) that makes ``gap > 0`` most nearly normal."""
+    gap = gap[torch.isfinite(gap) & (gap > 0)]
+    if len(gap) < 2:
+        return math.inf
+    median = float(gap.median())
+    candidates = [math.inf] + [median * 2.0**k for k in range(-4, 5)]
+
+    def score(s: float) -> float:
+        v, ladj = _gap_inverse(gap, torch.full_like(gap, s))
+        sd = v.std()
+        if not bool(sd > 0):
+            return -math.inf
+        return float(-torch.log(sd) + ladj.mean())  # mean Gaussian log-likelihood + constant
+
+    return max(candidates, key=score)
