@@ -14,6 +14,7 @@ from .. import __version__, flows
 from ..distribution import Flow
 from ..io import MAX_LAYERS, MAX_PARAMETERS, builder_size, save
 from ..training import FitHistory, fit
+from ..training.sizing import flow_size
 from .models import input_dtype, log_prob
 from .paths import check_distinct, check_inputs, check_output
 from .tables import Dialect, check_columns, finite_rows, numeric, read_table, table_name
@@ -136,17 +137,23 @@ def _bounds(args: argparse.Namespace, inputs: Inputs) -> tuple[dict[int, Bound],
     return data, context
 
 
-def _build_flow(args: argparse.Namespace, input_dim: int, context_dim: int) -> Flow:
-    """The flow the options describe; refused before building if its file could not load."""
-    kwargs = {"input_dim": input_dim, "context_dim": context_dim, "num_layers": args.layers}
-    kwargs["hidden_dims"] = (args.hidden, args.hidden)
+def _build_flow(args: argparse.Namespace, inputs: Inputs) -> Flow:
+    """The flow the options describe, sized for the rows where they are silent
+    (`pyroflows.training.sizing`); refused before building if its file could not load."""
+    input_dim, context_dim = len(inputs.columns), len(inputs.context_columns)
+    size = flow_size(len(inputs.x), input_dim)
+    layers = size.num_layers if args.layers is None else args.layers
+    hidden = size.hidden_dims if args.hidden is None else (args.hidden, args.hidden)
+    kwargs = {"input_dim": input_dim, "context_dim": context_dim, "num_layers": layers}
+    kwargs["hidden_dims"] = hidden
     builder = {"nsf": flows.nsf, "maf": flows.maf, "realnvp": flows.realnvp}[args.flow]
     if args.flow == "nsf":
-        kwargs |= {"coupling": args.coupling, "count_bins": 8 if args.bins is None else args.bins}
-    size = builder_size(builder, kwargs)
-    if args.layers > MAX_LAYERS or size > MAX_PARAMETERS:
+        bins = size.count_bins if args.bins is None else args.bins
+        kwargs |= {"coupling": args.coupling, "count_bins": bins}
+    values = builder_size(builder, kwargs)
+    if layers > MAX_LAYERS or values > MAX_PARAMETERS:
         raise CLIError(
-            f"this flow would hold up to {size:,} values in {args.layers} layers, beyond what a "
+            f"this flow would hold up to {values:,} values in {layers} layers, beyond what a "
             f"model file may hold ({MAX_PARAMETERS:,} values, {MAX_LAYERS} layers); choose "
             "smaller --hidden, --layers or --bins"
         )
@@ -179,6 +186,13 @@ def _train(args: argparse.Namespace, flow: Flow, inputs: Inputs, device: str | N
         raise CLIError(f"cannot fit {inputs.data_name}: {error}{after}{given}") from None
 
 
+def _size_text(flow: Flow) -> str:
+    """E.g. ``"5 layers, hidden 128x128, 8 bins"``: the size the options or the rule chose."""
+    kwargs = flow.config["kwargs"]
+    text = f"{kwargs['num_layers']} layers, hidden " + "x".join(map(str, kwargs["hidden_dims"]))
+    return text + (f", {kwargs['count_bins']} bins" if "count_bins" in kwargs else "")
+
+
 def _g(value: float | None) -> str:
     return "" if value is None else f"{value:g}"
 
@@ -199,6 +213,8 @@ def history_summary(history: FitHistory, heldout: float | None) -> dict[str, Any
         "final_train_loss": _clean(history.train_loss[-1]) if history.train_loss else None,
         "num_train": history.num_train,
         "num_val": history.num_val,
+        "batch_size": history.batch_size,
+        "max_epochs": history.max_epochs,
         "rejected_steps": len(history.rejected_steps),
         "wall_time": round(history.wall_time, 3),
     }
@@ -247,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
     device = check_device(args.device)
     inputs = _read_inputs(args)
     torch.manual_seed(args.seed)
-    flow = _build_flow(args, len(inputs.columns), len(inputs.context_columns))
+    flow = _build_flow(args, inputs)
     history = _train(args, flow, inputs, device)
     flow.cpu()
     heldout, result = _result(flow, history, inputs)
@@ -255,9 +271,11 @@ def run(args: argparse.Namespace) -> int:
     save(flow, args.out)
     context = len(inputs.context_columns)
     say(
-        f"fitted {args.flow} to {len(inputs.x)} rows x {len(inputs.columns)} column(s)"
+        f"fitted {args.flow} ({_size_text(flow)}) to {len(inputs.x)} rows x "
+        f"{len(inputs.columns)} column(s)"
         + (f" given {context} context column(s)" if context else "")
-        + f" in {history.wall_time:.1f} s: {history.epochs_run} epochs"
+        + f" in {history.wall_time:.1f} s: {history.epochs_run} of {history.max_epochs} epochs"
+        + f" of batches of {history.batch_size}"
         + (" (stopped early)" if history.stopped_early else "")
         + f", best epoch {history.best_epoch}"
     )

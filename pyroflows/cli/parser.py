@@ -208,11 +208,12 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--coupling", action="store_true", help="nsf only: coupling layers (faster sampling)"
     )
-    p.add_argument("--layers", type=positive_int, default=5, metavar="N", help="default 5")
-    p.add_argument("--hidden", type=positive_int, default=64, metavar="W", help="default 64")
-    p.add_argument("--bins", type=positive_int, metavar="K", help="nsf spline bins (default 8)")
-    p.add_argument("--epochs", type=positive_int, default=100, metavar="N", help="default 100")
-    p.add_argument("--batch-size", type=positive_int, default=512, metavar="B", help="default 512")
+    rule = "default: from the number of rows (see the density guide)"
+    p.add_argument("--layers", type=positive_int, metavar="N", help=f"flow layers ({rule})")
+    p.add_argument("--hidden", type=positive_int, metavar="W", help=f"hidden width ({rule})")
+    p.add_argument("--bins", type=positive_int, metavar="K", help=f"nsf spline bins ({rule})")
+    p.add_argument("--epochs", type=positive_int, metavar="N", help=f"most epochs ({rule})")
+    p.add_argument("--batch-size", type=positive_int, metavar="B", help=f"rows per step ({rule})")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="learning rate (default 1e-3)")
     p.add_argument(
         "--validation",

@@ -42,8 +42,9 @@ from .. import flows
 from ..checks import check_int
 from ..distribution import Flow
 from ..training import FitHistory, fit
+from ..training.sizing import flow_size
 
-__all__ = ["simulate", "prior_bounds", "posterior_flow", "fit_posterior", "default_batch_size"]
+__all__ = ["simulate", "prior_bounds", "posterior_flow", "fit_posterior"]
 
 
 def simulate(
@@ -141,12 +142,17 @@ def _entry(bound: Any, i: int, dim: int) -> float | None:
     return float(bound[i])
 
 
-def posterior_flow(theta_dim: int, x_dim: int, **options: Any) -> Flow:
+def posterior_flow(
+    theta_dim: int, x_dim: int, num_simulations: int | None = None, **options: Any
+) -> Flow:
     """The default flow for ``q(theta | x)``: a conditional autoregressive neural spline flow.
 
-    ``options`` go to `pyroflows.flows.nsf` (e.g. ``num_layers``, ``hidden_dims``,
-    ``count_bins``).
+    With ``num_simulations``, sized for them by `pyroflows.training.sizing.flow_size` (the
+    rule `fit` and the command line follow); ``options`` go to `pyroflows.flows.nsf` and
+    override it (e.g. ``num_layers``, ``hidden_dims``, ``count_bins``).
     """
+    if num_simulations is not None:
+        options = flow_size(num_simulations, theta_dim).options() | options
     return flows.nsf(theta_dim, x_dim, **options)
 
 
@@ -166,12 +172,13 @@ def fit_posterior(
         prior: the prior ``theta`` was drawn from; its support bounds the posterior
             (`prior_bounds`), so no mass falls outside it. Without it the posterior is
             unbounded.
-        flow: the conditional flow to train (default `posterior_flow`).
+        flow: the conditional flow to train (default `posterior_flow`, sized for the number
+            of simulations).
         **fit_options: passed to `pyroflows.fit` (``epochs``, ``batch_size``, ``lr``,
             ``validation``, ``seed``, ``device``, ...); ``bounds`` cannot be given
-            together with ``prior``. Defaults here: ``batch_size`` from
-            `default_batch_size` and up to 200 epochs, early stopping (`fit`'s patience of
-            20 epochs without validation improvement) deciding the rest.
+            together with ``prior``. `fit`'s defaults apply: the batch size and epochs of
+            `pyroflows.training.sizing`, with early stopping (20 epochs without validation
+            improvement) deciding the rest.
 
     Returns:
         The trained flow and `fit`'s history.
@@ -183,17 +190,9 @@ def fit_posterior(
     theta_t = _as_rows(torch.as_tensor(_table(theta)), "theta")
     x_t = _as_rows(torch.as_tensor(_table(x)), "x")
     if flow is None:
-        flow = posterior_flow(theta_t.shape[1], x_t.shape[1])
-    fit_options.setdefault("batch_size", default_batch_size(len(theta_t)))
-    fit_options.setdefault("epochs", 200)
+        flow = posterior_flow(theta_t.shape[1], x_t.shape[1], len(theta_t))
     history = fit(flow, theta_t, context=x_t, **fit_options)
     return flow, history
-
-
-def default_batch_size(num_simulations: int) -> int:
-    """Rows per step for ``num_simulations`` pairs: ``N / 64`` within ``[64, 512]``, so a
-    small budget still takes about 60 steps per epoch and a large one uses wide batches."""
-    return min(512, max(64, num_simulations // 64))
 
 
 def _table(data: Any) -> Any:

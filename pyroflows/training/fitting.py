@@ -32,8 +32,8 @@ def fit(
     validation: float = 0.1,
     validation_data: Any = None,
     validation_context: Any = None,
-    epochs: int = 100,
-    batch_size: int = 512,
+    epochs: int | None = None,
+    batch_size: int | None = None,
     lr: float = 1e-3,
     weight_decay: float = 0.0,
     clip_grad_norm: float | None = 5.0,
@@ -81,8 +81,10 @@ def fit(
             ignored when ``validation_data`` is given.
         validation_data: an explicit validation set.
         validation_context: its context.
-        epochs: maximum number of passes over the training rows.
-        batch_size: rows per step (per process when distributed).
+        epochs: maximum number of passes over the training rows (default: a budget of
+            25,000 steps, at most 200 epochs; `pyroflows.training.sizing`).
+        batch_size: rows per step, per process when distributed (default: ``N / 64`` of the
+            training rows within ``[64, 512]``).
         lr: peak learning rate of the default optimizer, Adam.
         weight_decay: Adam weight decay.
         clip_grad_norm: largest gradient norm (``None``: no clipping).

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from ..checks import check_int, check_real
 from ..distribution import Flow
 from .data import PreparedData, _first_parameter
+from .sizing import batch_size_for, epochs_for
 
 __all__ = [
     "FitHistory",
@@ -99,6 +100,8 @@ class FitHistory:
         standardized: ``"fitted"``, ``"kept"`` (the flow already had data transforms) or
             ``"off"``.
         world_size: number of data-parallel processes.
+        batch_size: rows per step (per process), given or chosen by `batch_size_for`.
+        max_epochs: the epoch limit, given or chosen by `epochs_for`.
     """
 
     train_loss: list[float] = field(default_factory=list)
@@ -114,6 +117,8 @@ class FitHistory:
     num_val: int = 0
     standardized: str = "off"
     world_size: int = 1
+    batch_size: int = 0
+    max_epochs: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy."""
@@ -146,8 +151,8 @@ def train(
     flow: Flow,
     data: PreparedData,
     *,
-    epochs: int = 100,
-    batch_size: int = 512,
+    epochs: int | None = None,
+    batch_size: int | None = None,
     optimizer: torch.optim.Optimizer | OptimizerFactory | None = None,
     loss: Loss | None = None,
     schedule: str | Schedule = "cosine",
@@ -170,8 +175,10 @@ def train(
     Args:
         flow: the flow to train, in place.
         data: rows from `prepare_data`.
-        epochs: maximum number of passes over the training rows.
-        batch_size: rows per step (per process when distributed).
+        epochs: maximum number of passes over the training rows (default: `epochs_for`,
+            a budget of 25,000 steps, at most 200 epochs).
+        batch_size: rows per step, per process when distributed (default: `batch_size_for`
+            the training rows, ``N / 64`` within ``[64, 512]``).
         optimizer: an optimizer over the flow's parameters, or a factory called with them;
             default ``torch.optim.Adam(lr=lr, weight_decay=weight_decay)``. The schedule
             scales each group's ``initial_lr`` (its ``lr`` at first use, as in torch's
@@ -199,6 +206,8 @@ def train(
     device = _first_parameter(flow).device
     x_train, c_train, x_val, c_val = _place_rows(flow, data, device)
     per_rank = rows_per_rank(len(x_train), world)
+    batch_size = batch_size_for(per_rank) if batch_size is None else batch_size
+    epochs = epochs_for(per_rank, batch_size) if epochs is None else epochs
     steps = _Steps(
         flow,
         _loss_module(flow, loss or negative_log_likelihood, world, device, compile),
@@ -208,7 +217,13 @@ def train(
         epochs * math.ceil(per_rank / batch_size),
         device,
     )
-    history = FitHistory(num_train=len(x_train), num_val=len(x_val), world_size=world)
+    history = FitHistory(
+        num_train=len(x_train),
+        num_val=len(x_val),
+        world_size=world,
+        batch_size=batch_size,
+        max_epochs=epochs,
+    )
     history.standardized, best = data.standardized, _Best(flow)
     shuffle = torch.Generator().manual_seed(seed + 1)
     show = progress and rank == 0
@@ -252,8 +267,8 @@ def _check_settings(
     patience: Any,
 ) -> None:
     """A `ValueError` for the first invalid number or schedule of `train`."""
-    check_int("epochs", epochs)
-    check_int("batch_size", batch_size)
+    check_int("epochs", epochs, optional=True)
+    check_int("batch_size", batch_size, optional=True)
     check_real("lr", lr, positive=True)
     if check_real("weight_decay", weight_decay) < 0:
         raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
