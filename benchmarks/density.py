@@ -56,7 +56,14 @@ TOY_TASKS = ("two_moons", "eight_gaussians", "checkerboard", "spirals", "rings")
 GALAXY_TASKS = ("galaxies", "photo_z")
 ALL_TASKS = TOY_TASKS + GALAXY_TASKS
 LIBRARIES = ("pyroflows", "zuko", "pyro")
-EXTRA_LIBRARIES = ("pyroflows-fit",)  # pyroflows' own `fit` loop, for comparison only
+# pyroflows' own `fit` loop, and ablations of pyroflows' choices, for comparison only
+EXTRA_LIBRARIES = (
+    "pyroflows-fit",
+    "pyroflows-random-init",
+    "pyroflows-lu",
+    "pyroflows-min-derivative",
+    "pyroflows-bound8",
+)
 
 BOUND = 5.0  # spline interval [-5, 5] for every library (zuko's fixed default)
 MIN_SLOPE = 1e-3  # minimum derivative / slope, the default of all three libraries
@@ -197,6 +204,63 @@ def build_pyroflows(dim: int, context_dim: int, arch: Architecture) -> Model:
     return Model(flow, lambda x, c: flow.condition(c).log_prob(x))
 
 
+def build_pyroflows_random_init(dim: int, context_dim: int, arch: Architecture) -> Model:
+    """Ablation: the conditioners' output layers keep torch's default initialisation (as
+    zuko's and Pyro's do) instead of starting at zero, so the flow does not start at the
+    identity."""
+    model = build_pyroflows(dim, context_dim, arch)
+    for layer in model.module.layers:
+        layer.conditioner.net[-1].reset_parameters()
+    return model
+
+
+def build_pyroflows_lu(dim: int, context_dim: int, arch: Architecture) -> Model:
+    """Ablation: an `LULinear` mixing layer between the spline layers (all in the natural
+    order) instead of alternating the autoregressive order."""
+    from pyroflows import Autoregressive, Flow, LULinear
+    from pyroflows.transformers import RationalQuadraticSpline
+
+    layers = []
+    for i in range(arch.layers):
+        if i:
+            layers.append(LULinear(dim))
+        spline = RationalQuadraticSpline(count_bins=arch.bins, bound=BOUND)
+        layers.append(
+            Autoregressive(
+                dim, spline, context_dim=context_dim, hidden_dims=arch.hidden, invert=True
+            )
+        )
+    flow = Flow(layers, dim, context_dim)
+    return Model(flow, lambda x, c: flow.condition(c).log_prob(x))
+
+
+def build_pyroflows_min_derivative(dim: int, context_dim: int, arch: Architecture) -> Model:
+    """Ablation: minimum derivative 1e-5 instead of 1e-3 (steeper splines allowed)."""
+    from pyroflows import flows
+    from pyroflows.transformers import RationalQuadraticSpline
+
+    spline = RationalQuadraticSpline(count_bins=arch.bins, bound=BOUND, min_derivative=1e-5)
+    flow = flows.autoregressive_flow(
+        dim, spline, context_dim, num_layers=arch.layers, hidden_dims=arch.hidden
+    )
+    return Model(flow, lambda x, c: flow.condition(c).log_prob(x))
+
+
+def build_pyroflows_bound(dim: int, context_dim: int, arch: Architecture) -> Model:
+    """Ablation: splines on [-8, 8] instead of [-5, 5] (fewer standardised rows in the tails)."""
+    from pyroflows import flows
+
+    flow = flows.nsf(
+        dim,
+        context_dim,
+        num_layers=arch.layers,
+        hidden_dims=arch.hidden,
+        count_bins=arch.bins,
+        bound=8.0,
+    )
+    return Model(flow, lambda x, c: flow.condition(c).log_prob(x))
+
+
 def build_zuko(dim: int, context_dim: int, arch: Architecture) -> Model:
     import zuko
 
@@ -274,6 +338,10 @@ BUILDERS: dict[str, tuple[str, Callable[[int, int, Architecture], Model]]] = {
     "zuko": ("zuko", build_zuko),
     "pyro": ("pyro", build_pyro),
     "pyroflows-fit": ("pyroflows", build_pyroflows),
+    "pyroflows-random-init": ("pyroflows", build_pyroflows_random_init),
+    "pyroflows-lu": ("pyroflows", build_pyroflows_lu),
+    "pyroflows-min-derivative": ("pyroflows", build_pyroflows_min_derivative),
+    "pyroflows-bound8": ("pyroflows", build_pyroflows_bound),
 }
 
 

@@ -20,8 +20,8 @@ Example:
     >>> from pyroflows.training.sizing import batch_size_for, epochs_for, flow_size
     >>> flow_size(72_000, 1)
     FlowSize(num_layers=5, hidden_dims=(128, 128), count_bins=8)
-    >>> batch_size_for(72_000), epochs_for(72_000, 512)
-    (512, 178)
+    >>> batch_size_for(81_000), epochs_for(81_000, 512)  # 90,000 rows, 10% for validation
+    (512, 158)
     >>> batch_size_for(900), epochs_for(900, 64)
     (64, 200)
 """
