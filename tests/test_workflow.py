@@ -23,7 +23,7 @@ from pyro.infer.autoguide import (
 
 from pyroflows import diagnose, to_inference_data
 from pyroflows.infer import AutoFlow
-from pyroflows.workflow import import_arviz
+from pyroflows.workflow import import_arviz, psis_spread
 
 matplotlib.use("Agg")
 az = import_arviz()
@@ -493,3 +493,21 @@ def test_mass_check_that_fails_warns_at_the_caller(monkeypatch):
         result = diagnose(model, guide, num_samples=100, seed=0)
     assert result.mass_check is None
     assert [w.filename for w in record] == [__file__]
+
+
+def test_psis_spread_matches_the_spread_over_independent_draws():
+    # N(0, 1.3^2) target, N(0, 1) proposal: k-hat = 1 - 1 / 1.3^2 = 0.41; its sd over
+    # independent sets of 4,000 draws is about 0.09.
+    gen = torch.Generator().manual_seed(1)
+
+    def log_weights() -> torch.Tensor:
+        z = torch.randn(4000, generator=gen, dtype=torch.float64)
+        return 0.5 * z**2 * (1 - 1 / 1.3**2)
+
+    az = pytest.importorskip("arviz")
+    khats = [float(az.psislw(log_weights().numpy(), reff=1.0)[1]) for _ in range(30)]
+    independent = float(torch.tensor(khats).std())
+    log_w = log_weights()
+    khat_sd, ess_sd = psis_spread(log_w, seed=0)
+    assert 0.5 * independent < khat_sd < 2.0 * independent, (khat_sd, independent)
+    assert ess_sd > 0 and psis_spread(log_w, seed=0) == (khat_sd, ess_sd)  # private seed

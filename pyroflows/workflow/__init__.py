@@ -26,7 +26,7 @@ Modules:
 """
 
 from .calibration import Coverage, c2st, expected_coverage, sbc_ranks
-from .diagnostics import KHAT_GOOD, KHAT_OK, Diagnosis, diagnose
+from .diagnostics import KHAT_GOOD, KHAT_OK, Diagnosis, diagnose, psis_spread
 from .export import import_arviz, to_inference_data
 from .mass_check import MassCheck
 
@@ -34,6 +34,7 @@ __all__ = [
     "Diagnosis",
     "MassCheck",
     "diagnose",
+    "psis_spread",
     "to_inference_data",
     "import_arviz",
     "KHAT_GOOD",
