@@ -149,7 +149,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
             print(f"PSIS-LOO elpd {loo.elpd_loo:.2f} +- {loo.se:.2f}")
             result = {
                 "khat": report.khat,
+                "khat_sd": report.khat_sd,
                 "ess": report.ess,
+                "ess_sd": report.ess_sd,
                 "trustworthy": report.trustworthy,
                 "elbo": report.elbo,
                 "log_evidence": report.log_evidence,

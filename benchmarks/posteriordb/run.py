@@ -233,6 +233,8 @@ def psis_khat(model: Callable, guide: Callable, data: dict, n: int, seed: int) -
             return {
                 "khat": float(result.khat),
                 "ess": float(result.ess),
+                "khat_sd": float(getattr(result, "khat_sd", math.nan)),
+                "ess_sd": float(getattr(result, "ess_sd", math.nan)),
                 "source": "diagnose",
                 "trustworthy": bool(result.trustworthy),
                 "verdict": result.verdict,
@@ -289,7 +291,11 @@ def _stat(cells: list[dict], key: str) -> tuple[float, float]:
 
 def _cell(cells: list[dict], key: str, digits: int = 3) -> str:
     mean, sd = _stat(cells, key)
-    return _fmt(mean, digits) + (f" ± {_fmt(sd, digits)}" if len(cells) > 1 else "")
+    text = _fmt(mean, digits) + (f" ± {_fmt(sd, digits)}" if len(cells) > 1 else "")
+    monte_carlo = [c[f"{key}_sd"] for c in cells if math.isfinite(c.get(f"{key}_sd", math.nan))]
+    if monte_carlo:  # the draws' own noise (bootstrap), whatever the seeds' spread
+        text += f" (MC {_fmt(float(np.mean(monte_carlo)), digits)})"
+    return text
 
 
 def tables(results: dict, guides: Sequence[str]) -> str:
@@ -300,7 +306,12 @@ def tables(results: dict, guides: Sequence[str]) -> str:
             "sliced_w2",
             3,
         ),
-        ("PSIS k-hat (4000 draws; > 0.7: do not trust)", "khat", 2),
+        (
+            "PSIS k-hat (4000 draws; > 0.7: do not trust; MC: the bootstrap sd of k-hat "
+            "over the draws, `psis_spread`)",
+            "khat",
+            2,
+        ),
         ("max z_mean (|mean error| in reference sds, worst column)", "z_mean", 3),
         ("max |log sd ratio| (worst column)", "log_sd", 3),
         ("fit wall time, s (set-up, preconditioning and training)", "fit_seconds", 1),
