@@ -60,6 +60,7 @@ LIBRARIES = ("pyroflows", "zuko", "pyro")
 EXTRA_LIBRARIES = (
     "pyroflows-fit",
     "pyroflows-random-init",
+    "pyroflows-small-init",
     "pyroflows-lu",
     "pyroflows-min-derivative",
     "pyroflows-bound8",
@@ -214,6 +215,17 @@ def build_pyroflows_random_init(dim: int, context_dim: int, arch: Architecture) 
     return model
 
 
+def build_pyroflows_small_init(dim: int, context_dim: int, arch: Architecture) -> Model:
+    """Ablation: as ``pyroflows-random-init`` with the output layers' initial weights and
+    biases scaled by 0.1, so the flow starts close to (not at) the identity."""
+    model = build_pyroflows_random_init(dim, context_dim, arch)
+    with torch.no_grad():
+        for layer in model.module.layers:
+            for p in layer.conditioner.net[-1].parameters():
+                p.mul_(0.1)
+    return model
+
+
 def build_pyroflows_lu(dim: int, context_dim: int, arch: Architecture) -> Model:
     """Ablation: an `LULinear` mixing layer between the spline layers (all in the natural
     order) instead of alternating the autoregressive order."""
@@ -339,6 +351,7 @@ BUILDERS: dict[str, tuple[str, Callable[[int, int, Architecture], Model]]] = {
     "pyro": ("pyro", build_pyro),
     "pyroflows-fit": ("pyroflows", build_pyroflows),
     "pyroflows-random-init": ("pyroflows", build_pyroflows_random_init),
+    "pyroflows-small-init": ("pyroflows", build_pyroflows_small_init),
     "pyroflows-lu": ("pyroflows", build_pyroflows_lu),
     "pyroflows-min-derivative": ("pyroflows", build_pyroflows_min_derivative),
     "pyroflows-bound8": ("pyroflows", build_pyroflows_bound),
