@@ -122,3 +122,49 @@ def test_sbibm_quick_mode_recovers_the_builtin_gaussian_posterior(tmp_path):
     assert result["mean"] < 0.6
     assert "gaussian_2d_builtin | 2,000" in out.read_text()
     assert numbers.exists()
+
+
+def test_density_ablations_build_what_they_say(density):
+    arch = density.ARCHITECTURES["toy"]
+    x = torch.randn(64, 2)
+
+    def initial_log_prob(library: str) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = density.BUILDERS[library][1](2, 0, arch)
+        with torch.no_grad():
+            return model.log_prob(x, None)
+
+    identity = torch.distributions.Normal(0.0, 1.0).log_prob(x).sum(-1)
+    torch.testing.assert_close(initial_log_prob("pyroflows"), identity)  # zero-initialised
+    far = (initial_log_prob("pyroflows-random-init") - identity).abs().mean()
+    near = (initial_log_prob("pyroflows-small-init") - identity).abs().mean()
+    assert 0 < near < far
+    torch.manual_seed(0)
+    lu = density.BUILDERS["pyroflows-lu"][1](2, 0, arch).module
+    assert sum(type(layer).__name__ == "LULinear" for layer in lu.layers) == arch.layers - 1
+    out = density.main(
+        ["--quick", "--tasks", "rings", "--steps", "3", "--quiet", "--libraries"]
+        + [",".join(density.EXTRA_LIBRARIES[1:])]
+    )
+    _finite_results(out, ["rings"], list(density.EXTRA_LIBRARIES[1:]))
+
+
+def test_defaults_benchmark_compares_old_and_new_defaults():
+    defaults = load_script("benchmarks/defaults.py")
+    results = defaults.main(["--quick", "--tasks", "two_moons"])
+    by_variant = {r["variant"]: r for r in results}
+    assert by_variant["old"]["batch_size"] == 512 and by_variant["new"]["batch_size"] == 64
+    assert all(math.isfinite(r["test_ll"]) for r in results)
+
+
+@needs_galaxies
+def test_defaults_benchmark_bound_variants():
+    defaults = load_script("benchmarks/defaults.py")
+    split = defaults.make_split("photo_z", True, GALAXIES)
+    scales = {}
+    for variant in ("log", "fitted"):
+        flow, options = defaults.bound_variant(variant, split, 0, True)
+        x, c = split.x_train.float(), split.c_train.float()
+        defaults.fit(flow, x, context=c, progress=False, **options)
+        scales[variant] = float(flow.data_transforms[-1].scale)
+    assert scales["log"] == math.inf and math.isfinite(scales["fitted"])
