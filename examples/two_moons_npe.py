@@ -77,7 +77,9 @@ def reference_draws(x: Tensor, n: int, generator: torch.Generator) -> Tensor:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--simulations", type=int, default=10_000)
-    parser.add_argument("--epochs", type=int, default=200, help="at most; early stopping")
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="at most (default: the library's rule)"
+    )
     parser.add_argument("--draws", type=int, default=10_000, help="posterior draws for C2ST")
     parser.add_argument("--coverage-pairs", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
