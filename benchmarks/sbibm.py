@@ -21,13 +21,14 @@ use the observation, so this equals sbibm's per-observation runs). C2ST is sbibm
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,16 +177,26 @@ def c2st_score(samples: Tensor, reference: Tensor, quick: bool) -> float:
     return torch_c2st(samples, reference, max_epochs=30 if quick else 1000)
 
 
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """The global torch generator seeded with ``seed`` inside, restored after."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def run_one(task: Task, method: str, budget: int, args: argparse.Namespace) -> dict:
     """Train ``method`` on ``budget`` simulations; C2ST on each observation; wall times."""
     theta, x = simulate(task.prior, task.simulator, budget, seed=args.seed)
     start = time.perf_counter()
-    sample = METHODS[method](task, theta.float(), x.float(), args.seed)
+    with seeded(args.seed):  # both libraries draw initial weights from the global generator
+        sample = METHODS[method](task, theta.float(), x.float(), args.seed)
     fit_seconds = time.perf_counter() - start
     scores = []
     for i in args.observations:
         reference = task.reference(i)[: args.num_samples].float()
-        draws = sample(task.observation(i).float(), len(reference))
+        with seeded(args.seed + i):
+            draws = sample(task.observation(i).float(), len(reference))
         scores.append(c2st_score(draws, reference, args.quick))
     return {
         "task": task.name,

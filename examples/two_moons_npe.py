@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         fit_seconds = time.perf_counter() - start
         gen = torch.Generator().manual_seed(args.seed + 1)
         reference = reference_draws(OBSERVATION, args.draws, gen)
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # caller's generator kept
+            torch.manual_seed(args.seed + 2)
             draws = posterior.condition(OBSERVATION).sample((args.draws,))
         accuracy = c2st(draws, reference, seed=args.seed)
         test_theta, test_x = simulate(PRIOR, simulator, args.coverage_pairs, seed=args.seed + 2)

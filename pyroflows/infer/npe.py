@@ -173,7 +173,7 @@ def fit_posterior(
             (`prior_bounds`), so no mass falls outside it. Without it the posterior is
             unbounded.
         flow: the conditional flow to train (default `posterior_flow`, sized for the number
-            of simulations).
+            of simulations, its initial weights drawn from ``seed``: `fit`'s, default 0).
         **fit_options: passed to `pyroflows.fit` (``epochs``, ``batch_size``, ``lr``,
             ``validation``, ``seed``, ``device``, ...); ``bounds`` cannot be given
             together with ``prior``. `fit`'s defaults apply: the batch size and epochs of
@@ -190,7 +190,9 @@ def fit_posterior(
     theta_t = _as_rows(torch.as_tensor(_table(theta)), "theta")
     x_t = _as_rows(torch.as_tensor(_table(x)), "x")
     if flow is None:
-        flow = posterior_flow(theta_t.shape[1], x_t.shape[1], len(theta_t))
+        with torch.random.fork_rng(devices=[]):  # private: the caller's generator is untouched
+            torch.manual_seed(fit_options.get("seed", 0))
+            flow = posterior_flow(theta_t.shape[1], x_t.shape[1], len(theta_t))
     history = fit(flow, theta_t, context=x_t, **fit_options)
     return flow, history
 
