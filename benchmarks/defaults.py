@@ -123,10 +123,10 @@ def table(results: list[dict]) -> str:
     lines.append("|" + " --- |" * 8)
     for (task, variant), rs in cells.items():
         ll = [r["test_ll"] for r in rs]
-        sd = statistics.stdev(ll) if len(ll) > 1 else math.nan
+        spread = f" ± {statistics.stdev(ll):.3f}" if len(ll) > 1 else ""
         epochs = "/".join(str(r["epochs_run"]) for r in rs) + f" / {rs[0]['max_epochs']}"
         lines.append(
-            f"| {task} | {variant} | {len(rs)} | {statistics.fmean(ll):.3f} ± {sd:.3f} | "
+            f"| {task} | {variant} | {len(rs)} | {statistics.fmean(ll):.3f}{spread} | "
             f"{statistics.fmean(r['seconds'] for r in rs):.0f} | {epochs} | "
             f"{rs[0]['batch_size']} | {rs[0]['hidden']} |"
         )
