@@ -62,14 +62,16 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 
 import pyro
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(ROOT))
+for path in (ROOT, ROOT / "tests"):  # a checkout without installing; the tests' script loader
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from _scripts import load_script  # noqa: E402 (loads a script by path, as the tests do)
 
 from pyroflows.utils import torch_threads  # noqa: E402
 
@@ -112,30 +114,6 @@ class Result:
         text = {"ok": "ok", "skipped": f"skipped ({self.detail})"}.get(self.status)
         text = text or f"{self.status.upper()}: {self.detail}"
         return f"{self.name}: {text}" + (f" ({self.seconds:.1f} s)" if self.seconds else "")
-
-
-def load_script(relative: str, siblings: bool = False) -> ModuleType:
-    """Import ``ROOT / relative`` once, as ``_script_<path>`` (as ``tests/_scripts.py`` does).
-
-    The module is registered in ``sys.modules`` before it runs (dataclasses look their module
-    up there); ``siblings=True`` puts its folder on ``sys.path``, for scripts that import
-    their neighbours by name.
-    """
-    path = ROOT / relative
-    name = "_script_" + "_".join(Path(relative).with_suffix("").parts)
-    if name in sys.modules:
-        return sys.modules[name]
-    if siblings and str(path.parent) not in sys.path:
-        sys.path.insert(0, str(path.parent))
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
 
 
 def run_density() -> Numbers:
