@@ -18,7 +18,7 @@ The checks (``CHECKS``; the full command is in each entry, the table on its ``pa
 * ``sbibm``: ``benchmarks/sbibm.py --quick`` (mean C2ST on the built-in Gaussian task);
 * ``posteriordb``: ``benchmarks/posteriordb/run.py --quick`` (sliced W2 and k-hat of its
   two posteriors and three guides; needs ``../shared/data/posteriordb``);
-* ``two_moons_npe``: ``examples/two_moons_npe.py --simulations 500 --epochs 3`` (C2ST and
+* ``two_moons_npe``: ``examples/two_moons_npe.py --simulations 500 --epochs 3 --draws 2000`` (C2ST and
   the largest coverage gap);
 * ``eight_schools``: ``examples/eight_schools.py --steps 20 --particles 2 --num-samples
   400`` (k-hat, ELBO and PSIS-LOO elpd of both parameterisations);
@@ -160,7 +160,7 @@ def run_posteriordb() -> Numbers:
 def run_two_moons_npe() -> Numbers:
     """C2ST and largest coverage gap of the NPE tutorial on 500 simulations, 3 epochs."""
     result = load_script("examples/two_moons_npe.py").main(
-        ["--simulations", "500", "--epochs", "3", "--seed", "0"]
+        ["--simulations", "500", "--epochs", "3", "--draws", "2000", "--seed", "0"]
     )
     return {"c2st": result["c2st"], "max_gap": result["max_gap"]}
 
