@@ -18,8 +18,8 @@ The checks (``CHECKS``; the full command is in each entry, the table on its ``pa
 * ``sbibm``: ``benchmarks/sbibm.py --quick`` (mean C2ST on the built-in Gaussian task);
 * ``posteriordb``: ``benchmarks/posteriordb/run.py --quick`` (sliced W2 and k-hat of its
   two posteriors and three guides; needs ``../shared/data/posteriordb``);
-* ``two_moons_npe``: ``examples/two_moons_npe.py --simulations 500 --epochs 3 --draws 2000`` (C2ST and
-  the largest coverage gap);
+* ``two_moons_npe``: ``examples/two_moons_npe.py --simulations 500 --epochs 3 --draws
+  2000`` (C2ST and the largest coverage gap);
 * ``eight_schools``: ``examples/eight_schools.py --steps 20 --particles 2 --num-samples
   400`` (k-hat, ELBO and PSIS-LOO elpd of both parameterisations);
 * ``energy_2d``: ``examples/energy_2d.py --steps 3 --particles 2 --energies U3
