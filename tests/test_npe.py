@@ -194,3 +194,17 @@ def test_c2st_tells_apart_only_different_distributions():
     assert c2st(a, b, max_epochs=30) == same  # seeded: the same number again
     with pytest.raises(ValueError, match=r"\(N, D\) and \(M, D\)"):
         c2st(a, b[:, :1])
+
+
+def test_the_seed_alone_decides_the_fit():
+    theta = torch.randn(300, 2, generator=torch.Generator().manual_seed(0))
+    x = theta + 0.1
+    log_probs = []
+    for global_seed in (1, 2):  # the caller's generator in different states
+        torch.manual_seed(global_seed)
+        state = torch.get_rng_state()
+        posterior, _ = fit_posterior(theta, x, seed=3, epochs=1, progress=False)
+        assert torch.equal(torch.get_rng_state(), state)  # and left untouched
+        with torch.no_grad():
+            log_probs.append(posterior.condition(x[:5]).log_prob(theta[:5]))
+    torch.testing.assert_close(log_probs[0], log_probs[1], rtol=0, atol=0)

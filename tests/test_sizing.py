@@ -40,10 +40,15 @@ def test_options_fit_the_builders():
     assert maf.config["kwargs"]["num_layers"] == 5
 
 
+def test_batches_widen_with_the_rows_within_limits():
+    batches = [batch_size_for(rows) for rows in (10, 900, 9_000, 20_000, 72_000, 10**6)]
+    assert batches == sorted(batches) and batches[0] == 64 and batches[-1] == 512
+    assert 64 < batch_size_for(20_000) < 512  # in between, about 64 steps per epoch
+
+
 @pytest.mark.parametrize("rows", [10, 900, 9_000, 72_000, 10**6])
 def test_budget_in_steps_and_epochs(rows):
     batch = batch_size_for(rows)
-    assert 64 <= batch <= 512 and (batch == 64 or batch == 512 or batch == rows // 64)
     epochs = epochs_for(rows, batch)
     steps = epochs * math.ceil(rows / batch)
     assert 1 <= epochs <= MAX_EPOCHS

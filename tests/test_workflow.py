@@ -511,3 +511,5 @@ def test_psis_spread_matches_the_spread_over_independent_draws():
     khat_sd, ess_sd = psis_spread(log_w, seed=0)
     assert 0.5 * independent < khat_sd < 2.0 * independent, (khat_sd, independent)
     assert ess_sd > 0 and psis_spread(log_w, seed=0) == (khat_sd, ess_sd)  # private seed
+    with pytest.raises(ValueError, match="at least 2 log weights"):
+        psis_spread(torch.zeros(1))

@@ -162,6 +162,7 @@ def fit_posterior(
     *,
     prior: dist.Distribution | None = None,
     flow: Flow | None = None,
+    seed: int = 0,
     **fit_options: Any,
 ) -> tuple[Flow, FitHistory]:
     """Fit ``q(theta | x)`` to simulated pairs by maximum likelihood.
@@ -173,7 +174,9 @@ def fit_posterior(
             (`prior_bounds`), so no mass falls outside it. Without it the posterior is
             unbounded.
         flow: the conditional flow to train (default `posterior_flow`, sized for the number
-            of simulations, its initial weights drawn from ``seed``: `fit`'s, default 0).
+            of simulations, its initial weights drawn from ``seed``).
+        seed: seeds the default flow's initial weights (a private generator: the caller's
+            is untouched) and `fit`'s split and shuffling.
         **fit_options: passed to `pyroflows.fit` (``epochs``, ``batch_size``, ``lr``,
             ``validation``, ``seed``, ``device``, ...); ``bounds`` cannot be given
             together with ``prior``. `fit`'s defaults apply: the batch size and epochs of
@@ -191,9 +194,9 @@ def fit_posterior(
     x_t = _as_rows(torch.as_tensor(_table(x)), "x")
     if flow is None:
         with torch.random.fork_rng(devices=[]):  # private: the caller's generator is untouched
-            torch.manual_seed(fit_options.get("seed", 0))
+            torch.manual_seed(seed)
             flow = posterior_flow(theta_t.shape[1], x_t.shape[1], len(theta_t))
-    history = fit(flow, theta_t, context=x_t, **fit_options)
+    history = fit(flow, theta_t, context=x_t, seed=seed, **fit_options)
     return flow, history
 
 

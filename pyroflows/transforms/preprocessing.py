@@ -225,8 +225,8 @@ class SupportMap(_Fixed):
 
     @staticmethod
     def upgrade_state(state: dict[str, Tensor], prefix: str = "") -> None:
-        """Give a state saved before one-sided scales existed (pyroflows <= 0.4, model files
-        of format <= 3) its implied ``scale = inf`` (logarithmic maps), in place."""
+        """Give a state saved before one-sided scales existed (model files of format <= 3,
+        older ``state_dict``s) its implied ``scale = inf`` (logarithmic maps), in place."""
         if f"{prefix}lower" in state and f"{prefix}scale" not in state:
             state[f"{prefix}scale"] = torch.full_like(state[f"{prefix}lower"], math.inf)
 

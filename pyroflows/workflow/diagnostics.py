@@ -298,6 +298,8 @@ def psis_spread(log_weights: Tensor, *, num_rounds: int = 50, seed: int = 0) -> 
     """
     num_rounds = check_int("num_rounds", num_rounds, low=2)
     log_w = torch.as_tensor(log_weights, dtype=torch.float64).flatten()
+    if len(log_w) < 2:
+        raise ValueError(f"psis_spread needs at least 2 log weights, got {len(log_w)}")
     az = import_arviz()
     generator = torch.Generator().manual_seed(seed)
     khats, esss = [], []
