@@ -22,9 +22,11 @@ Every library scores data in one pass per layer (the MAF direction):
 
 Tasks: the five 2-D toy densities of `pyroflows.datasets`, the 7-D galaxy catalogue
 (joint density of redshift and six magnitudes) and photometric redshift (the 1-D density of
-redshift given the six magnitudes). Run from the repository root::
+redshift given the six magnitudes). The flow's layers, width, bins and batch size are those
+pyroflows' sizing rule (`pyroflows.training.sizing`) picks for the task's training rows, so
+the pyroflows column is the library's default flow. Run from the repository root::
 
-    python benchmarks/density.py --steps 4000 --out table.md
+    python benchmarks/density.py --steps 3000 --seeds 3 --out table.md
     python benchmarks/density.py --quick              # seconds per cell, for CI
 
 Anchors that cannot be imported are skipped with a note.
@@ -48,6 +50,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from pyroflows.training.sizing import batch_size_for, flow_size
 from pyroflows.utils import torch_threads
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,11 +89,6 @@ class Architecture:
     batch_size: int
 
 
-ARCHITECTURES = {
-    "toy": Architecture(layers=5, hidden=(64, 64), bins=8, batch_size=256),
-    "galaxies": Architecture(layers=5, hidden=(128, 128), bins=8, batch_size=512),
-    "photo_z": Architecture(layers=3, hidden=(128, 128), bins=16, batch_size=512),
-}
 
 
 @dataclass
@@ -158,8 +156,16 @@ def make_split(task: str, quick: bool, data_path: Path) -> Split:
     raise ValueError(f"unknown task {task!r}; choose from {', '.join(ALL_TASKS)}")
 
 
-def architecture_of(task: str) -> Architecture:
-    return ARCHITECTURES["toy" if task in TOY_TASKS else task]
+def architecture_of(split: Split) -> Architecture:
+    """The flow of pyroflows' sizing rule for the split's training rows (the defaults of
+    `pyroflows.fit` and the command line), built alike by every library."""
+    size = flow_size(len(split.x_train), split.dim)
+    return Architecture(
+        layers=size.num_layers,
+        hidden=size.hidden_dims,
+        bins=size.count_bins,
+        batch_size=batch_size_for(len(split.x_train)),
+    )
 
 
 class Standardizer:
@@ -453,7 +459,7 @@ def run_cell(
     evals: int,
 ) -> CellResult:
     """Fit ``library``'s flow to ``task`` with ``seed``; scores on the original scale."""
-    arch = architecture_of(task)
+    arch = architecture_of(split)
     torch.manual_seed(seed)  # same initialisation stream for every library
     model = BUILDERS[library][1](split.dim, split.context_dim, arch)
     start = time.perf_counter()
@@ -639,7 +645,8 @@ def _run(args: argparse.Namespace) -> dict:
         f"threads {torch.get_num_threads()}, torch {torch.__version__}"
     )
     for task in args.tasks:
-        split, arch = splits[task], architecture_of(task)
+        split = splits[task]
+        arch = architecture_of(split)
         label = f"D={split.dim}" + (f" given C={split.context_dim}" if split.context_dim else "")
         results.labels[task] = label
         say(

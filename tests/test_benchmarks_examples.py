@@ -125,7 +125,7 @@ def test_sbibm_quick_mode_recovers_the_builtin_gaussian_posterior(tmp_path):
 
 
 def test_density_ablations_build_what_they_say(density):
-    arch = density.ARCHITECTURES["toy"]
+    arch = density.Architecture(layers=5, hidden=(64, 64), bins=8, batch_size=256)
     x = torch.randn(64, 2)
 
     def initial_log_prob(library: str) -> torch.Tensor:
