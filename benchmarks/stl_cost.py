@@ -9,7 +9,8 @@ inverting the flow, with the estimator off (what the default falls back to beyon
 
     python benchmarks/stl_cost.py --dims 2,8,32 --particles 1,16,128,1024 --rounds 12
 
-Medians over the rounds after two warm-up rounds, in ms; one torch thread.
+Medians over the rounds after two warm-up rounds, in ms, with the interquartile range of
+the rounds in brackets; one torch thread.
 """
 
 from __future__ import annotations
@@ -53,6 +54,13 @@ def _time(step: Callable[[], None], method: str) -> float:
         autoflow.JACOBIAN_MAX_ROWS = default
 
 
+def _cell(seconds: list[float]) -> str:
+    """Median and interquartile range of step times, in ms: ``median (q1-q3)``."""
+    median = statistics.median(seconds)
+    q = statistics.quantiles(seconds, n=4, method="inclusive") if len(seconds) > 1 else [median] * 3
+    return f"{median * 1e3:.1f} ({q[0] * 1e3:.1f}-{q[2] * 1e3:.1f})"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dims", default="2,8,32")
@@ -69,8 +77,8 @@ def main(argv: list[str] | None = None) -> None:
             for _ in range(args.rounds + 2):
                 for method in METHODS:
                     times[method].append(_time(steps[method], method))
-            medians = [statistics.median(times[m][2:]) * 1e3 for m in METHODS]
-            print(f"| {dim} | {particles} | " + " | ".join(f"{t:.1f}" for t in medians) + " |")
+            cells = [_cell(times[m][2:]) for m in METHODS]
+            print(f"| {dim} | {particles} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

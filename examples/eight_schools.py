@@ -16,7 +16,7 @@ For each parameterisation the script
 1. fits `pyroflows.infer.AutoFlow` by SVI with `pyroflows.infer.train_guide` (which stops
    once the ELBO no longer improves, or after ``--steps`` steps);
 2. runs `pyroflows.diagnose` (Pareto-smoothed importance sampling): k-hat, ESS and a verdict;
-3. exports the guide's draws with `pyroflows.to_inference_data` and uses ArviZ:
+3. exports the diagnosed draws to ArviZ (`Diagnosis.to_inference_data`) and uses ArviZ:
    ``az.summary``, ``az.loo``, and (with ``--out DIR``) ``plot_posterior``/``plot_pair`` figures;
 4. with ``--reference DIR`` (posteriordb's ``eight_schools-eight_schools_noncentered``
    folder; Stan NUTS draws of this posterior), compares the posterior means and standard
@@ -46,7 +46,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from pyroflows import diagnose, to_inference_data
+from pyroflows import diagnose
 from pyroflows.infer import AutoFlow, GuideTraining, train_guide
 from pyroflows.utils import torch_threads
 from pyroflows.workflow import import_arviz as _import_arviz
@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
             guide, history = fit(model, args.steps, args.particles, args.lr, args.seed)
             seconds = time.perf_counter() - start
             report = diagnose(model, guide, Y, SIGMA, num_samples=args.num_samples, seed=args.seed)
-            idata = to_inference_data(model, guide, Y, SIGMA, num_samples=args.num_samples)
+            # the diagnosed draws themselves, so every number below describes the same draws
+            idata = report.to_inference_data(reweighted=False)
             print(f"\n=== {name} model: AutoFlow, {history.summary()}")
             print(report)
             print(az.summary(idata, var_names=["mu", "tau", "theta"], kind="stats").round(2))
@@ -162,6 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
                 "stopped": history.stopped,
             }
             if reference is not None:
+                result["moments"] = moments(_columns(report.samples))
                 result["guide_vs_reference"] = compare(_columns(report.samples), reference)
                 result["psis_vs_reference"] = compare(_columns(report.posterior), reference)
                 for key in ("guide_vs_reference", "psis_vs_reference"):
@@ -187,9 +189,54 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
                 plt.close("all")
             results[name] = result
             draws[name] = _columns(report.samples)
-        if args.out and reference is not None:
-            plot_funnel(draws, reference, Path(args.out) / "funnel.png")
+        summary = None if reference is None else reference_summary(reference)
+        if summary is not None:
+            print_moments(results, summary)
+            if args.out:
+                plot_funnel(draws, reference, Path(args.out) / "funnel.png")
+    if args.out:
+        record = {"seed": args.seed, "models": results, "reference": summary}
+        _write_json(Path(args.out) / "results.json", record)
     return results
+
+
+MOMENT_SITES = (("mu", None), ("tau", None), ("theta", 0), ("theta", 6))
+
+
+def moments(draws: dict[str, np.ndarray]) -> dict[str, list[float]]:
+    """Mean and sd of ``mu``, ``tau``, ``theta[0]`` and ``theta[6]``: ``{label: [mean, sd]}``."""
+    out = {}
+    for name, index in MOMENT_SITES:
+        column = draws[name] if index is None else draws[name][:, index]
+        label = name if index is None else f"{name}[{index}]"
+        out[label] = [float(column.mean()), float(column.std(ddof=1))]
+    return out
+
+
+def reference_summary(reference: dict[str, np.ndarray]) -> dict:
+    """The reference's moments and, for scale, how much its two halves differ (`compare`)."""
+    half = len(reference["mu"]) // 2
+    first = {k: v[:half] for k, v in reference.items()}
+    second = {k: v[half:] for k, v in reference.items()}
+    return {"moments": moments(reference), "halves": compare(first, second)}
+
+
+def print_moments(results: dict[str, dict], reference: dict) -> None:
+    """Each guide's means and sds (the draws `compare` scored) beside the reference's."""
+    columns = [*results, "reference"]
+    print("\nmean (sd) | " + " | ".join(columns))
+    for label, ref in reference["moments"].items():
+        cells = [results[c]["moments"][label] for c in results] + [ref]
+        print(f"{label:9s} | " + " | ".join(f"{m:.2f} ({sd:.2f})" for m, sd in cells))
+    halves = ", ".join(f"{k} {v:.3f}" for k, v in reference["halves"].items())
+    print(f"reference, half against half: {halves}")
+
+
+def _write_json(path: Path, results: dict) -> None:
+    """Write ``results`` atomically (a temporary file renamed into place)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(path)
 
 
 def plot_funnel(draws: dict[str, dict[str, np.ndarray]], reference, path: Path) -> None:

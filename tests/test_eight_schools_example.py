@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -30,7 +31,21 @@ def test_smoke(eight_schools, tmp_path):
         assert math.isfinite(result["khat"]) and math.isfinite(result["elpd_loo"])
         if REFERENCE.is_dir():
             assert math.isfinite(result["guide_vs_reference"]["max_z_mean"])
+            assert set(result["moments"]) == {"mu", "tau", "theta[0]", "theta[6]"}
     assert (tmp_path / "centered_pair.png").is_file()
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert set(record["models"]) == {"noncentered", "centered"}
+    if REFERENCE.is_dir():  # two halves of 10,000 NUTS draws agree closely, but not exactly
+        assert 0.0 < record["reference"]["halves"]["max_z_mean"] < 0.2
+
+
+def test_moments_are_those_of_the_draws(eight_schools):
+    rng = np.random.default_rng(1)
+    draws = {"mu": rng.normal(2.0, 3.0, 4000), "tau": rng.gamma(2.0, size=4000)}
+    draws["theta"] = rng.normal(size=(4000, 8)) * np.arange(1, 9)
+    got = eight_schools.moments(draws)
+    assert got["mu"] == pytest.approx([draws["mu"].mean(), draws["mu"].std(ddof=1)])
+    assert got["theta[6]"][1] == pytest.approx(draws["theta"][:, 6].std(ddof=1))
 
 
 def test_compare_is_zero_for_the_reference_itself(eight_schools):
