@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
             # the diagnosed draws themselves, so every number below describes the same draws
             idata = report.to_inference_data(reweighted=False)
             print(f"\n=== {name} model: AutoFlow, {history.summary()}")
+            print(guide.preconditioning)
             print(report)
             print(az.summary(idata, var_names=["mu", "tau", "theta"], kind="stats").round(2))
             loo = az.loo(idata)
@@ -164,6 +165,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
             }
             if reference is not None:
                 result["moments"] = moments(_columns(report.samples))
+                result["log_tau_tails"] = log_tau_tails(report, reference)
+                print(f"log tau tails: {_format(result['log_tau_tails'])}")
                 result["guide_vs_reference"] = compare(_columns(report.samples), reference)
                 result["psis_vs_reference"] = compare(_columns(report.posterior), reference)
                 for key in ("guide_vs_reference", "psis_vs_reference"):
@@ -213,6 +216,23 @@ def moments(draws: dict[str, np.ndarray]) -> dict[str, list[float]]:
     return out
 
 
+def log_tau_tails(report, reference: dict[str, np.ndarray], heaviest: int = 20) -> dict:
+    """Where a guide's tails of ``log tau`` fall short: the 1% and 99% quantiles of its draws
+    and of the reference's, and how many of the ``heaviest`` importance weights fall on
+    draws outside the reference's 1%-99% range (below it, above it)."""
+    guide = np.log(report.samples["tau"].double().numpy())
+    low, high = np.quantile(np.log(reference["tau"]), [0.01, 0.99])
+    top = guide[np.argsort(report.log_weights.double().numpy())[-heaviest:]]
+    return {
+        "guide_q01": float(np.quantile(guide, 0.01)),
+        "guide_q99": float(np.quantile(guide, 0.99)),
+        "reference_q01": float(low),
+        "reference_q99": float(high),
+        f"heaviest_{heaviest}_below_q01": int((top < low).sum()),
+        f"heaviest_{heaviest}_above_q99": int((top > high).sum()),
+    }
+
+
 def reference_summary(reference: dict[str, np.ndarray]) -> dict:
     """The reference's moments and, for scale, how much its two halves differ (`compare`)."""
     half = len(reference["mu"]) // 2
@@ -230,6 +250,13 @@ def print_moments(results: dict[str, dict], reference: dict) -> None:
         print(f"{label:9s} | " + " | ".join(f"{m:.2f} ({sd:.2f})" for m, sd in cells))
     halves = ", ".join(f"{k} {v:.3f}" for k, v in reference["halves"].items())
     print(f"reference, half against half: {halves}")
+
+
+def _format(numbers: dict) -> str:
+    """``key value`` pairs, floats to 2 decimals."""
+    return ", ".join(
+        f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in numbers.items()
+    )
 
 
 def _write_json(path: Path, results: dict) -> None:
