@@ -382,8 +382,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--warmup-epochs",
         type=float,
-        default=0.0,
-        help="KL warm-up: the latent terms are weighted by beta rising linearly to 1",
+        default=10.0,
+        help="KL warm-up: the latent terms are weighted by beta rising linearly to 1 over "
+        "this many epochs (0: none; without it the Gaussian VAE's result depends on the seed)",
     )
     parser.add_argument("--iwae-k", type=int, default=500, help="importance samples per image")
     parser.add_argument("--eval-images", type=int, default=1000, help="held-out images scored")
