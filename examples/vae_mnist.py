@@ -28,7 +28,7 @@ reconstructions by both models) and ``samples.png`` (decoder means for the same 
 
 Run it from the repository root::
 
-    python examples/vae_mnist.py --out vae_out                 # ~8 minutes on one CPU thread
+    python examples/vae_mnist.py --out vae_out                 # ~6 minutes on one CPU thread
     python examples/vae_mnist.py --epochs 1 --train-images 300 --iwae-k 8 --eval-images 20
 
 The data default to ``../shared/data/mnist_test`` next to the repository; use ``--data``
