@@ -41,13 +41,15 @@ import json
 import os
 import time
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
 
-from pyroflows import diagnose
+from pyroflows import Diagnosis, diagnose
 from pyroflows.infer import AutoFlow, GuideTraining, train_guide
 from pyroflows.utils import torch_threads
 from pyroflows.workflow import import_arviz as _import_arviz
@@ -116,7 +118,7 @@ def compare(draws: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> d
     }
 
 
-def main(argv: list[str] | None = None) -> dict[str, dict]:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="noncentered,centered")
     parser.add_argument(
@@ -130,78 +132,101 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--num-samples", type=int, default=8000, help="draws for diagnostics")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reference", default=None, help="posteriordb eight-schools folder")
-    parser.add_argument("--out", default=None, help="folder for the ArviZ figures")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", default=None, help="folder for the figures and results.json")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict]:
+    """Fit, diagnose and check each model; returns ``{model name: numbers}``."""
+    args = parse_args(argv)
     az = _import_arviz()
     reference = load_reference(args.reference) if args.reference else None
+    summary = None if reference is None else reference_summary(reference)
     results, draws = {}, {}
     with torch_threads(1):  # the caller's setting is restored after
         for name in args.models.split(","):
-            model = MODELS[name]
-            start = time.perf_counter()
-            guide, history = fit(model, args.steps, args.particles, args.lr, args.seed)
-            seconds = time.perf_counter() - start
-            report = diagnose(model, guide, Y, SIGMA, num_samples=args.num_samples, seed=args.seed)
-            # the diagnosed draws themselves, so every number below describes the same draws
-            idata = report.to_inference_data(reweighted=False)
-            print(f"\n=== {name} model: AutoFlow, {history.summary()}")
-            print(guide.preconditioning)
-            print(report)
-            print(az.summary(idata, var_names=["mu", "tau", "theta"], kind="stats").round(2))
-            loo = az.loo(idata)
-            print(f"PSIS-LOO elpd {loo.elpd_loo:.2f} +- {loo.se:.2f}")
-            result = {
-                "khat": report.khat,
-                "khat_sd": report.khat_sd,
-                "ess": report.ess,
-                "ess_sd": report.ess_sd,
-                "trustworthy": report.trustworthy,
-                "elbo": report.elbo,
-                "log_evidence": report.log_evidence,
-                "missing_mass": report.mass_check.missing_mass,
-                "elpd_loo": float(loo.elpd_loo),
-                "seconds": seconds,
-                "steps": history.num_steps,
-                "stopped": history.stopped,
-            }
-            if reference is not None:
-                result["moments"] = moments(_columns(report.samples))
-                result["log_tau_tails"] = log_tau_tails(report, reference)
-                print(f"log tau tails: {_format(result['log_tau_tails'])}")
-                result["guide_vs_reference"] = compare(_columns(report.samples), reference)
-                result["psis_vs_reference"] = compare(_columns(report.posterior), reference)
-                for key in ("guide_vs_reference", "psis_vs_reference"):
-                    numbers = ", ".join(f"{k} {v:.3f}" for k, v in result[key].items())
-                    print(f"{key}: {numbers}")
-            if args.out:
-                import matplotlib
-
-                matplotlib.use("Agg")
-                import matplotlib.pyplot as plt
-
-                os.makedirs(args.out, exist_ok=True)
-                az.plot_posterior(idata, var_names=["mu", "tau"])
-                plt.savefig(Path(args.out) / f"{name}_posterior.png", dpi=80)
-                az.plot_pair(
-                    idata,
-                    var_names=["tau", "theta"],
-                    coords={"school": [0]},
-                    kind="scatter",
-                    scatter_kwargs={"alpha": 0.1},
-                )
-                plt.savefig(Path(args.out) / f"{name}_pair.png", dpi=80)
-                plt.close("all")
-            results[name] = result
+            results[name], report = check_model(name, args, az, reference)
             draws[name] = _columns(report.samples)
-        summary = None if reference is None else reference_summary(reference)
-        if summary is not None:
-            print_moments(results, summary)
-            if args.out:
-                plot_funnel(draws, reference, Path(args.out) / "funnel.png")
+    if summary is not None:
+        print_moments(results, summary)
     if args.out:
+        if reference is not None:
+            plot_funnel(draws, reference, Path(args.out) / "funnel.png")
         record = {"seed": args.seed, "models": results, "reference": summary}
         _write_json(Path(args.out) / "results.json", record)
     return results
+
+
+def check_model(
+    name: str, args: argparse.Namespace, az: ModuleType, reference: dict[str, np.ndarray] | None
+) -> tuple[dict, Diagnosis]:
+    """Steps 1-4 for one parameterisation: fit, diagnose, ArviZ, and the reference check."""
+    model = MODELS[name]
+    start = time.perf_counter()
+    guide, history = fit(model, args.steps, args.particles, args.lr, args.seed)
+    seconds = time.perf_counter() - start
+    report = diagnose(model, guide, Y, SIGMA, num_samples=args.num_samples, seed=args.seed)
+    # the diagnosed draws themselves, so every number below describes the same draws
+    idata = report.to_inference_data(reweighted=False)
+    print(f"\n=== {name} model: AutoFlow, {history.summary()}")
+    print(guide.preconditioning)
+    print(report)
+    print(az.summary(idata, var_names=["mu", "tau", "theta"], kind="stats").round(2))
+    loo = az.loo(idata)
+    print(f"PSIS-LOO elpd {loo.elpd_loo:.2f} +- {loo.se:.2f}")
+    result = {
+        "khat": report.khat,
+        "khat_sd": report.khat_sd,
+        "ess": report.ess,
+        "ess_sd": report.ess_sd,
+        "trustworthy": report.trustworthy,
+        "elbo": report.elbo,
+        "log_evidence": report.log_evidence,
+        "missing_mass": report.mass_check.missing_mass,
+        "elpd_loo": float(loo.elpd_loo),
+        "seconds": seconds,
+        "steps": history.num_steps,
+        "stopped": history.stopped,
+    }
+    if reference is not None:
+        result |= against_reference(report, reference)
+    if args.out:
+        plot_guide(az, idata, Path(args.out), name)
+    return result, report
+
+
+def against_reference(report: Diagnosis, reference: dict[str, np.ndarray]) -> dict:
+    """The guide's moments, its log-tau tails and its errors (raw and PSIS-reweighted)."""
+    numbers = {
+        "moments": moments(_columns(report.samples)),
+        "log_tau_tails": log_tau_tails(report, reference),
+        "guide_vs_reference": compare(_columns(report.samples), reference),
+        "psis_vs_reference": compare(_columns(report.posterior), reference),
+    }
+    for key in ("log_tau_tails", "guide_vs_reference", "psis_vs_reference"):
+        print(f"{key}: {_format(numbers[key])}")
+    return numbers
+
+
+def plot_guide(az: ModuleType, idata: Any, out: Path, name: str) -> None:
+    """ArviZ's posterior and pair plots of one guide's draws, saved in ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out, exist_ok=True)
+    az.plot_posterior(idata, var_names=["mu", "tau"])
+    plt.savefig(out / f"{name}_posterior.png", dpi=80)
+    az.plot_pair(
+        idata,
+        var_names=["tau", "theta"],
+        coords={"school": [0]},
+        kind="scatter",
+        scatter_kwargs={"alpha": 0.1},
+    )
+    plt.savefig(out / f"{name}_pair.png", dpi=80)
+    plt.close("all")
 
 
 MOMENT_SITES = (("mu", None), ("tau", None), ("theta", 0), ("theta", 6))
@@ -217,7 +242,7 @@ def moments(draws: dict[str, np.ndarray]) -> dict[str, list[float]]:
     return out
 
 
-def log_tau_tails(report, reference: dict[str, np.ndarray], heaviest: int = 20) -> dict:
+def log_tau_tails(report: Diagnosis, reference: dict[str, np.ndarray], heaviest: int = 20) -> dict:
     """Where a guide's tails of ``log tau`` fall short: the 1% and 99% quantiles of its draws
     and of the reference's, and how many of the ``heaviest`` importance weights fall on
     draws outside the reference's 1%-99% range (below it, above it)."""
@@ -254,9 +279,9 @@ def print_moments(results: dict[str, dict], reference: dict) -> None:
 
 
 def _format(numbers: dict) -> str:
-    """``key value`` pairs, floats to 2 decimals."""
+    """``key value`` pairs, floats to 3 decimals."""
     return ", ".join(
-        f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in numbers.items()
+        f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in numbers.items()
     )
 
 
