@@ -89,8 +89,6 @@ class Architecture:
     batch_size: int
 
 
-
-
 @dataclass
 class Split:
     """Train/validation/test rows on the original scale (context ``None`` if unconditional)."""
