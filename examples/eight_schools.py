@@ -274,8 +274,7 @@ def print_moments(results: dict[str, dict], reference: dict) -> None:
     for label, ref in reference["moments"].items():
         cells = [results[c]["moments"][label] for c in results] + [ref]
         print(f"{label:9s} | " + " | ".join(f"{m:.2f} ({sd:.2f})" for m, sd in cells))
-    halves = ", ".join(f"{k} {v:.3f}" for k, v in reference["halves"].items())
-    print(f"reference, half against half: {halves}")
+    print(f"reference, half against half: {_format(reference['halves'])}")
 
 
 def _format(numbers: dict) -> str:

@@ -178,7 +178,7 @@ def fit_posterior(
         seed: seeds the default flow's initial weights (a private generator: the caller's
             is untouched) and `fit`'s split and shuffling.
         **fit_options: passed to `pyroflows.fit` (``epochs``, ``batch_size``, ``lr``,
-            ``validation``, ``seed``, ``device``, ...); ``bounds`` cannot be given
+            ``validation``, ``device``, ...); ``bounds`` cannot be given
             together with ``prior``. `fit`'s defaults apply: the batch size and epochs of
             `pyroflows.training.sizing`, with early stopping (20 epochs without validation
             improvement) deciding the rest.
