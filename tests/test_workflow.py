@@ -513,3 +513,25 @@ def test_psis_spread_matches_the_spread_over_independent_draws():
     assert ess_sd > 0 and psis_spread(log_w, seed=0) == (khat_sd, ess_sd)  # private seed
     with pytest.raises(ValueError, match="at least 2 log weights"):
         psis_spread(torch.zeros(1))
+
+
+def _scale_model(scale: float) -> None:
+    pyro.sample("z", dist.Normal(0.0, scale))
+
+
+def _standard_guide(scale: float) -> None:
+    pyro.sample("z", dist.Normal(0.0, 1.0))
+
+
+@pytest.mark.parametrize(
+    "scale, borderline",
+    [(1 / math.sqrt(1 - 0.7), True), (1.3, False)],  # k-hat = 1 - 1 / scale^2: 0.70 and 0.41
+)
+def test_verdict_says_borderline_only_near_the_trust_boundary(scale, borderline):
+    """A N(0, 1) guide of a N(0, scale^2) posterior: 'Borderline' exactly when k-hat is near 0.7."""
+    result = diagnose(_scale_model, _standard_guide, scale, num_samples=2000, seed=0, widen=None)
+    near = abs(result.khat - 0.7) <= 2 * result.khat_sd
+    assert near == borderline, (result.khat, result.khat_sd)
+    assert ("Borderline" in result.verdict) == borderline
+    if borderline:
+        assert "num_samples=32000" in result.verdict  # 16x the draws halve the sd

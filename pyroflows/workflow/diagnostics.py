@@ -155,6 +155,10 @@ def diagnose(
     * ``0.5 <= k-hat <= 0.7``: usable; the PSIS-reweighted draws improve estimates;
     * ``k-hat > 0.7``: do not trust the approximation.
 
+    k-hat is itself an estimate (``khat_sd``, by bootstrap); when it lies within two of
+    those sds of 0.7, the verdict adds that it is borderline (the sd shrinks only as
+    ``num_samples ** -0.25``).
+
     k-hat only sees where the guide puts draws: a guide that misses a whole region of the
     posterior (a funnel's mouth, a second mode) can have a small k-hat. For guides with a
     packed latent (`AutoFlow`, Pyro's ``AutoContinuous`` guides) a `MassCheck` therefore
@@ -252,6 +256,7 @@ def _diagnose(
     khat_sd, ess_sd = psis_spread(log_w, seed=0 if seed is None else seed)
     log_evidence, raw_ess = _log_mean_exp_and_ess(log_w)
     verdict, trustworthy = _verdict(khat)
+    verdict += _borderline(khat, khat_sd, num_samples)
     mass, wide_log_w = None, None
     if widen is not None and isinstance(guide, AutoContinuous):
         wide_log_w = _widened_log_weights(
@@ -370,6 +375,22 @@ def _systematic_resample(
     cdf = probs.cumsum(0)
     cdf[-1] = 1.0
     return torch.searchsorted(cdf, u).clamp_(max=len(probs) - 1)
+
+
+def _borderline(khat: float, khat_sd: float, num_samples: int) -> str:
+    """A warning when k-hat is within two Monte Carlo sds of `KHAT_OK` (else ``""``).
+
+    There the trust verdict could flip with another set of draws. PSIS fits the largest
+    ``3 sqrt(num_samples)`` weights, so the sd shrinks as ``num_samples ** -0.25``: sixteen
+    times the draws halve it.
+    """
+    if not (math.isfinite(khat) and math.isfinite(khat_sd)) or abs(khat - KHAT_OK) > 2 * khat_sd:
+        return ""
+    return (
+        f" Borderline: k-hat is within two Monte Carlo sds ({khat_sd:.2f}) of {KHAT_OK}, so "
+        f"the verdict may flip with other draws; num_samples={16 * num_samples} would halve "
+        "that sd."
+    )
 
 
 def _verdict(khat: float) -> tuple[str, bool]:
